@@ -1,0 +1,58 @@
+# The two commands of the Quickstart: `make serve` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+PYTEST_ARGS ?=
+
+.PHONY: serve test test-fast lint fmt typecheck bench bench-train bench-serve bench-decode clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Stamps re-run the install when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(PIP) install -q -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+serve: $(VENV)/.installed   ## start the service (ALEXNET_HOST / ALEXNET_PORT honoured)
+	$(BIN)/alexnet serve
+
+test: $(VENV)/.installed-dev   ## the whole suite
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.installed-dev   ## everything but slow and e2e tests
+	$(BIN)/python -m pytest -m "not slow and not e2e and not docker" $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+typecheck: $(VENV)/.installed-dev
+	$(BIN)/mypy
+
+fmt: $(VENV)/.installed-dev
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench-decode: $(VENV)/.installed-dev
+	$(BIN)/python bench/decode.py
+
+bench-precision: $(VENV)/.installed-dev
+	$(BIN)/python bench/precision.py
+
+bench-train: $(VENV)/.installed-dev
+	$(BIN)/python bench/train.py
+
+bench-serve: $(VENV)/.installed-dev
+	$(BIN)/python bench/serve.py
+
+bench: bench-decode bench-precision bench-train bench-serve
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

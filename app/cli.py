@@ -1,0 +1,333 @@
+"""The `alexnet` command: serve, train, evaluate, predict, models, import-torchvision.
+
+Exit status: 0 success, 1 a runtime error (one line on stderr), 2 bad usage,
+75 training interrupted with its resumable state saved (resume with --resume RUN_DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from pydantic import ValidationError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: try again (resume) later
+
+log = logging.getLogger("alexnet")
+
+
+class CliError(Exception):
+    """A one-line error for the user; `main` prints it and exits 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One clear line instead of argparse's usage dump."""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _train_options(p: argparse.ArgumentParser) -> None:
+    # Defaults are None so that only options given explicitly reach TrainConfig (whose
+    # defaults are the single source of truth, shared with the admin API).
+    p.add_argument("--dataset", help="cifar10 | synthetic[:N] | imagefolder:NAME")
+    p.add_argument("--arch", choices=["alexnet", "alexnet-paper"])
+    p.add_argument("--epochs", type=int, help="maximum epochs (default 50)")
+    p.add_argument("--batch-size", type=int, help="default 128")
+    p.add_argument("--lr", type=float, help="initial learning rate (default 0.01)")
+    p.add_argument("--momentum", type=float, help="default 0.9")
+    p.add_argument("--weight-decay", type=float, help="default 5e-4")
+    p.add_argument("--scheduler", choices=["plateau", "step"], help="default plateau")
+    p.add_argument("--patience", type=int, help="early-stopping patience (default 7)")
+    p.add_argument("--min-delta", type=float, help="early-stopping delta (default 0)")
+    p.add_argument("--image-size", type=int, help="network input side (default 224)")
+    p.add_argument("--val-split", type=float, help="default 0.2")
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--init", choices=["default", "paper"], help="weight initialisation")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random crop + flip (default: on for cifar10 and imagefolder)")  # fmt: skip
+    p.add_argument("--workers", type=int, help="DataLoader worker processes")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) on this node")
+    p.add_argument(
+        "--resume",
+        metavar="VERSION|PATH",
+        help="a run folder to continue exactly, or a version to fine-tune from",
+    )
+    p.add_argument("--activate", action="store_true", help="make the new version active")
+    p.add_argument("--run-dir", type=Path, help="where the run's state, plot and log go")
+    p.add_argument("--events-file", type=Path, help="append progress events as JSON lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="alexnet", description="Train and serve AlexNet image classifiers.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("serve", help="start the HTTP service")
+    p.add_argument("--host", help="default: ALEXNET_HOST or 127.0.0.1")
+    p.add_argument("--port", type=int, help="default: ALEXNET_PORT or 8000")
+
+    _train_options(sub.add_parser("train", help="train a model version"))
+
+    p = sub.add_parser("evaluate", help="loss, top-1 and top-5 of a version on a dataset")
+    p.add_argument("model", metavar="VERSION|PATH")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("predict", help="classify image files")
+    p.add_argument("model", metavar="VERSION|PATH")
+    p.add_argument("images", metavar="IMAGE", nargs="+", type=Path)
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("models", help="list versions or activate one")
+    p.add_argument("action", nargs="?", choices=["list", "activate"], default="list")
+    p.add_argument("version", nargs="?")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("import-torchvision", help="import torchvision's ImageNet weights")
+    p.add_argument("--weights-file", type=Path, help="a local alexnet-owt-7be5be79.pth")
+    p.add_argument("--activate", action="store_true", help="make the new version active")
+    return parser
+
+
+def _settings() -> Any:
+    from app.settings import Settings
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise CliError(f"bad setting: {_first_error(exc, env=True)}") from exc
+
+
+def _first_error(exc: ValidationError, *, env: bool = False) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    name = f"ALEXNET_{loc.upper()}" if env else f"--{loc.replace('_', '-')}"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{name}: {msg}" if loc else msg
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    s = _settings()
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=args.host or s.host,
+        port=args.port or s.port,
+        timeout_graceful_shutdown=int(s.shutdown_timeout_s) or None,
+        log_level=s.log_level,
+        timeout_keep_alive=5,
+    )
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.checkpoint import load_version, resolve_version_dir
+    from model.device import resolve
+    from model.engine import for_inference, predict
+    from model.images import DecodeLimits, ImageError, read_image_file
+    from model.transforms import EvalTransform
+
+    s = _settings()
+    if args.top_k < 1:
+        raise CliError(f"--top-k must be at least 1, got {args.top_k}")
+    net, card = load_version(resolve_version_dir(s.models_dir, args.model))
+    model = for_inference(net, card.preprocessing, resolve(s.device, s.precision),
+                          channels_last=s.channels_last)  # fmt: skip
+    tf = EvalTransform(card.preprocessing)
+    limits = DecodeLimits(max_pixels=s.max_image_pixels, max_side=s.max_image_side)
+    results: list[dict[str, Any]] = []
+    inputs: list[tuple[int, torch.Tensor]] = []
+    for path in args.images:
+        results.append({"filename": path.name})
+        try:
+            img = read_image_file(path, limits=limits, min_side=card.preprocessing.min_side)
+            inputs.append((len(results) - 1, tf(img)))
+        except ImageError as exc:
+            results[-1]["error"] = {"code": exc.code, "message": str(exc)}
+    for start in range(0, len(inputs), 32):
+        chunk = inputs[start : start + 32]
+        top = predict(model, torch.stack([t for _, t in chunk]), args.top_k)
+        for (i, _), row in zip(chunk, top.rows(), strict=True):
+            results[i]["predictions"] = [
+                {"label": card.labels[idx], "index": idx, "probability": p} for idx, p in row
+            ]
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            if "error" in r:
+                continue
+            print(r["filename"])
+            for p in r["predictions"]:
+                print(f"  {p['probability']:7.2%}  {p['label']} ({p['index']})")
+    failed = [r for r in results if "error" in r]
+    for r in failed:
+        print(f"alexnet: error: {r['filename']}: {r['error']['message']}", file=sys.stderr)
+    return EXIT_ERROR if failed else 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from model.checkpoint import list_cards, load_version, read_active, write_active
+
+    s = _settings()
+    if args.action == "activate":
+        if not args.version:
+            raise CliError("models activate needs a VERSION")
+        load_version(_version_dir(s, args.version))  # validate fully before pointing at it
+        write_active(s.models_dir, args.version)
+        if args.json:
+            print(json.dumps({"active": args.version}))
+        else:
+            print(f"active version: {args.version}")
+        return 0
+    active = read_active(s.models_dir)
+    cards = list_cards(s.models_dir)
+    if args.json:
+        versions = [{**c.summary(), "active": c.version == active} for c in cards]
+        print(json.dumps({"active": active, "versions": versions}, indent=2))
+        return 0
+    if not cards:
+        print(f"no model versions in {s.models_dir}")
+        return 0
+    print(f"  {'VERSION':<22} {'ARCH':<14} {'CLASSES':>7} {'TOP-1':>7}  {'DATASET':<20} CREATED")
+    for c in cards:
+        top1 = c.metrics.get("val_top1")
+        top1_s = f"{top1:.1%}" if isinstance(top1, float) else "-"
+        mark = "*" if c.version == active else " "
+        print(f"{mark} {c.version:<22} {c.arch:<14} {c.num_classes:>7} {top1_s:>7}  "
+              f"{(c.dataset or '-'):<20} {c.created_at}")  # fmt: skip
+    return 0
+
+
+def _version_dir(s: Any, ref: str) -> Path:
+    from model.checkpoint import resolve_version_dir
+
+    return resolve_version_dir(s.models_dir, ref)
+
+
+def cmd_import_torchvision(args: argparse.Namespace) -> int:
+    from model.checkpoint import read_active, write_active
+    from model.pretrained import import_torchvision
+
+    s = _settings()
+    card = import_torchvision(s.models_dir, weights_file=args.weights_file,
+                              parent=read_active(s.models_dir))  # fmt: skip
+    activated = args.activate or read_active(s.models_dir) is None
+    if activated:
+        write_active(s.models_dir, card.version)
+    print(f"imported torchvision AlexNet (ImageNet, 1000 classes) as version {card.version}"
+          + (" (active)" if activated else ""))  # fmt: skip
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from model.checkpoint import load_version
+    from model.data import ShardSampler, load_dataset, make_loader
+    from model.device import resolve
+    from model.engine import evaluate, for_inference
+    from model.transforms import EvalTransform
+
+    s = _settings()
+    net, card = load_version(_version_dir(s, args.model))
+    cfg = card.train_config or {}
+    same = card.dataset == args.dataset
+    bundle = load_dataset(
+        args.dataset,
+        data_dir=s.data_dir,
+        image_size=card.image_size,
+        val_split=cfg.get("val_split", 0.2) if same else 0.2,
+        seed=cfg.get("seed", 0) if same else 0,
+        pre=card.preprocessing,
+    )
+    if bundle.labels != card.labels:
+        raise CliError(
+            f"{args.dataset}'s labels ({', '.join(bundle.labels[:4])}...) are not the model's "
+            f"({', '.join(card.labels[:4])}...)"
+        )
+    split_name, ds = ("test", bundle.test) if bundle.test is not None else ("val", bundle.val)
+    placement = resolve(s.device, s.precision)
+    model = for_inference(net, card.preprocessing, placement, channels_last=s.channels_last)
+    loader = make_loader(ds, ShardSampler(len(ds), shuffle=False),  # type: ignore[arg-type]
+                         batch_size=args.batch_size, workers=0, pin_memory=False)  # fmt: skip
+    tf = EvalTransform(card.preprocessing)
+    res = evaluate(model, ((tf(x.to(placement.device)), y) for x, y in loader))
+    out = {"version": card.version, "dataset": args.dataset, "split": split_name,
+           "loss": res.loss, "top1": res.top1, "top5": res.top5, "count": res.count,
+           **placement.describe()}  # fmt: skip
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{card.version} on {args.dataset} ({split_name}, {res.count} images): "
+              f"loss {res.loss:.4f}  top-1 {res.top1:.2%}  top-5 {res.top5:.2%}")  # fmt: skip
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from app.training import TrainCliError, run_train
+
+    try:
+        return run_train(args, argv, _settings())
+    except TrainCliError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from PIL import Image
+
+    # Pillow's decompression-bomb warnings are errors here, not log lines.
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+    from model.checkpoint import CheckpointError
+    from model.data import DatasetError
+    from model.device import DeviceError
+    from model.trainer import TrainingError
+
+    try:
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command == "train":
+            return cmd_train(args, argv)
+        if args.command == "evaluate":
+            return cmd_evaluate(args)
+        if args.command == "predict":
+            return cmd_predict(args)
+        if args.command == "models":
+            return cmd_models(args)
+        return cmd_import_torchvision(args)
+    except (CliError, CheckpointError, DatasetError, DeviceError, TrainingError) as exc:
+        print(f"alexnet: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except ValidationError as exc:
+        print(f"alexnet: error: {_first_error(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("alexnet: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Service and CLI settings: environment variables prefixed `ALEXNET_`, or a `.env` file."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ALEXNET_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    # Where to listen. 127.0.0.1 by default: exposing the service is a deliberate choice.
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    # State: models/, data/, jobs/, alexnet.db.
+    home: Path = Path("var")
+
+    # Inference placement; `auto` picks CUDA > MPS > CPU and bf16 where it is fast.
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False  # torch.compile: measured at no gain for AlexNet on CPU
+    channels_last: bool = True
+
+    # Micro-batching.
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_batch_wait_ms: float = Field(2.0, ge=0, le=1000)
+    max_queue: int = Field(256, ge=1)
+    request_timeout_s: float = Field(10.0, gt=0)
+    decode_threads: int = Field(0, ge=0)  # 0: one per CPU core
+
+    # Upload limits.
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)  # per image file
+    max_image_pixels: int = Field(40_000_000, ge=1, le=89_478_485)  # <= Pillow's own bound
+    max_image_side: int = Field(20_000, ge=64)
+    max_files: int = Field(32, ge=1, le=256)
+
+    admin_token: SecretStr | None = None
+    bootstrap: Literal["auto", "imagenet", "synthetic", "none"] = "auto"
+    shutdown_timeout_s: float = Field(8.0, ge=0)  # below Docker's 10 s stop grace
+    cors_origins: list[str] = Field(default_factory=list)
+    log_level: str = "info"
+
+    @cached_property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @cached_property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @cached_property
+    def jobs_dir(self) -> Path:
+        return self.home / "jobs"
+
+    @cached_property
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
+
+    @cached_property
+    def db_path(self) -> Path:
+        return self.home / "alexnet.db"

@@ -1,0 +1,248 @@
+"""`alexnet train`: options -> TrainConfig, torchrun launch, signals, progress output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+from app.settings import Settings
+from model.config import TrainConfig
+from model.trainer import STATE_FILE, DistContext, Event, Trainer, TrainingInterrupted
+
+EXIT_INTERRUPTED = 75
+_CONFIG_FIELDS = set(TrainConfig.model_fields)
+# Options that may change when a run is resumed; the rest would change its meaning.
+_RESUMABLE_OVERRIDES = {"epochs", "device", "precision", "workers", "patience"}
+
+
+class TrainCliError(Exception):
+    pass
+
+
+def new_run_id() -> str:
+    return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{os.getpid()}"
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k in _CONFIG_FIELDS and v is not None}
+
+
+class ProgressPrinter:
+    """Renders trainer events: a progress bar on stderr (when a terminal, else nothing),
+    one line per epoch on stdout."""
+
+    def __init__(self, out: IO[str] = sys.stdout, err: IO[str] = sys.stderr) -> None:
+        self.out, self.err = out, err
+        self.tty = err.isatty()
+
+    def __call__(self, ev: Event) -> None:
+        kind = ev["type"]
+        if kind == "start":
+            d = ev["device"]
+            self.out.write(
+                f"training {ev['config']['arch']} on {ev['config']['dataset']} "
+                f"({ev['split']['train']} train / {ev['split']['val']} val images, "
+                f"{len(ev['labels'])} classes) on {d['device']} {d['precision']}"
+                + (f", {ev['world']} processes" if ev["world"] > 1 else "")
+                + "\n"
+            )
+            for s in ev["skipped"]:
+                self.err.write(f"warning: skipped unreadable image {s}\n")
+        elif kind == "step" and self.tty:
+            width = 30
+            done = int(width * ev["step"] / ev["steps"])
+            eta = time.strftime("%H:%M:%S", time.gmtime(ev["eta_s"]))
+            self.err.write(
+                f"\repoch {ev['epoch']}/{ev['epochs']} [{'#' * done}{'.' * (width - done)}] "
+                f"{ev['step']}/{ev['steps']} loss {ev['loss']:.4f} "
+                f"{ev['images_per_s']:.0f} img/s eta {eta} "
+            )
+            self.err.flush()
+        elif kind == "epoch_end":
+            if self.tty:
+                self.err.write("\r\033[K")
+            self.out.write(
+                f"epoch {ev['epoch']:>3}/{ev['epochs']}  train_loss {ev['train_loss']:.4f}  "
+                f"val_loss {ev['val_loss']:.4f}  val_top1 {ev['val_top1']:.2%}  "
+                f"val_top5 {ev['val_top5']:.2%}  lr {ev['lr']:.2g}  "
+                f"{ev['images_per_s']:.0f} img/s" + ("  *" if ev["improved"] else "") + "\n"
+            )
+            if ev["early_stop"]:
+                self.out.write("early stopping: validation loss stopped improving\n")
+        self.out.flush()
+
+
+class EventsFile:
+    """Appends each event as one JSON line, flushed (admin jobs tail this file)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = path.open("a", buffering=1)
+
+    def __call__(self, ev: Event) -> None:
+        self.f.write(json.dumps(ev) + "\n")
+        self.f.flush()
+
+
+def launch_torchrun(argv: Sequence[str], nproc: int, run_dir: Path) -> int:
+    """Re-run this command under torchrun with `nproc` processes on this node."""
+    rest: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc-per-node":
+            skip = True
+            continue
+        if a.startswith("--nproc-per-node="):
+            continue
+        rest.append(a)
+    if "--run-dir" not in rest and not any(a.startswith("--run-dir=") for a in rest):
+        rest += ["--run-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "app.cli", *rest]  # fmt: skip
+    proc = subprocess.Popen(cmd)
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    rc = proc.wait()
+    # torchrun reports a worker's non-zero exit as its own failure (1); the state tells.
+    if rc != 0 and _interrupted_state(run_dir):
+        return EXIT_INTERRUPTED
+    return rc
+
+
+def _interrupted_state(run_dir: Path) -> bool:
+    path = run_dir / STATE_FILE
+    if not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["state"])
+    return meta.get("finished_version") is None
+
+
+def _dist_context() -> DistContext | None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    import torch
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    return DistContext(
+        rank=dist.get_rank(), world=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )  # fmt: skip
+
+
+def run_train(args: argparse.Namespace, argv: Sequence[str], s: Settings) -> int:
+    from model.checkpoint import CheckpointError, read_active, resolve_version_dir, write_active
+
+    given = _given(args)
+    resume_run: Path | None = None
+    init_from: Path | None = None
+    parent = read_active(s.models_dir)
+    if args.resume:
+        candidate = Path(args.resume)
+        if candidate.is_file() and candidate.name == STATE_FILE:
+            candidate = candidate.parent
+        if (candidate / STATE_FILE).is_file():
+            resume_run = candidate
+        else:
+            try:
+                init_from = resolve_version_dir(s.models_dir, args.resume)
+            except CheckpointError as exc:
+                raise TrainCliError(
+                    f"--resume {args.resume}: neither a run folder with {STATE_FILE} "
+                    "nor a model version"
+                ) from exc
+            parent = init_from.name
+    if resume_run is not None:
+        base = Trainer.read_config(resume_run).model_dump()
+        changed = {k for k, v in given.items() if k not in _RESUMABLE_OVERRIDES and base[k] != v}
+        if changed:
+            raise TrainCliError(
+                f"cannot change {', '.join(sorted(changed))} when resuming {resume_run}"
+            )
+        cfg = TrainConfig.model_validate({**base, **given})
+        run_dir = resume_run
+    else:
+        if "dataset" not in given:
+            raise TrainCliError("--dataset is required (cifar10, synthetic, imagefolder:NAME)")
+        cfg = TrainConfig.model_validate(given)
+        run_dir = args.run_dir or _default_run_dir(s)
+
+    if args.nproc_per_node < 1:
+        raise TrainCliError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
+    if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return launch_torchrun(argv, args.nproc_per_node, run_dir)
+
+    dist_ctx = _dist_context()
+    callbacks: list[Any] = [ProgressPrinter()]
+    if args.events_file:
+        callbacks.append(EventsFile(args.events_file))
+
+    def callback(ev: Event) -> None:
+        for cb in callbacks:
+            cb(ev)
+
+    trainer = Trainer(
+        cfg, data_dir=s.data_dir, models_dir=s.models_dir, run_dir=run_dir,
+        callback=callback, dist_ctx=dist_ctx, init_from=init_from, parent=parent,
+    )  # fmt: skip
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        # Finish the step, save, exit 75; a second Ctrl-C falls through to Python.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        trainer.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        result = trainer.fit(resume=resume_run is not None)
+    except TrainingInterrupted as exc:
+        if trainer.dist.is_main:
+            print(f"interrupted; state saved. Continue with: alexnet train --resume {exc.run_dir}",
+                  file=sys.stderr)  # fmt: skip
+        return EXIT_INTERRUPTED
+    finally:
+        if dist_ctx is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if not trainer.dist.is_main:
+        return 0
+    card = result.card
+    activated = args.activate or read_active(s.models_dir) is None
+    if activated:
+        write_active(s.models_dir, card.version)
+    m = card.metrics
+    print(
+        f"saved version {card.version}: val_top1 {m['val_top1']:.2%}, val_top5 "
+        f"{m['val_top5']:.2%}, val_loss {m['val_loss']:.4f} (best of {m['epochs_run']} epochs)"
+        + (" - now active" if activated else "")
+    )
+    return 0
+
+
+def _default_run_dir(s: Settings) -> Path:
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID") if "WORLD_SIZE" in os.environ else None
+    return s.runs_dir / (run_id or new_run_id())

@@ -1,0 +1,74 @@
+"""Training options: one schema for `alexnet train`, POST /admin/jobs and the saved run.
+
+Field names are the CLI's long options in snake_case; bounds live here once."""
+
+from __future__ import annotations
+
+import re
+from typing import Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# The schedulers' own patience; early stopping must be more patient than these.
+PLATEAU_PATIENCE: Final = 3
+STEP_PATIENCE: Final = 2
+DATASET_RE: Final = re.compile(
+    r"^(cifar10|synthetic(:\d{2,7})?|imagefolder:[A-Za-z0-9][\w.-]{0,63})$"
+)
+
+
+class TrainConfig(BaseModel):
+    """Everything that determines a training run (and so is stored with it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str = Field(
+        description="cifar10, synthetic (synthetic:N for N images), or imagefolder:NAME "
+        "(a folder-per-class tree under the data dir; a name, not a path)",
+        examples=["synthetic", "cifar10", "imagefolder:flowers"],
+    )
+    arch: Literal["alexnet", "alexnet-paper"] = "alexnet"
+    epochs: int = Field(50, ge=1, le=10_000)
+    batch_size: int = Field(128, ge=1, le=8192)
+    lr: float = Field(0.01, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    scheduler: Literal["plateau", "step"] = "plateau"
+    patience: int = Field(7, ge=1, le=1000, description="early-stopping patience, in epochs")
+    min_delta: float = Field(0.0, ge=0, description="smallest val-loss drop that counts")
+    image_size: int = Field(224, ge=63, le=512)
+    val_split: float = Field(0.2, gt=0, lt=1)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    init: Literal["default", "paper"] = "default"
+    augment: bool | None = Field(
+        None, description="random crop + flip; default: on for cifar10/imagefolder"
+    )
+    workers: int | None = Field(None, ge=0, le=64, description="DataLoader workers")
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_by_name(cls, v: str) -> str:
+        if not DATASET_RE.match(v):
+            raise ValueError(
+                f"unknown dataset {v!r}: expected cifar10, synthetic, synthetic:N or "
+                "imagefolder:NAME (NAME: letters, digits, '.', '_', '-'; no paths)"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _patience_longer_than_scheduler(self) -> TrainConfig:
+        sched = PLATEAU_PATIENCE if self.scheduler == "plateau" else STEP_PATIENCE
+        if self.patience <= sched:
+            raise ValueError(
+                f"patience {self.patience} must be greater than the {self.scheduler} "
+                f"scheduler's patience ({sched}), or training stops before the rate drops"
+            )
+        return self
+
+    @property
+    def use_augmentation(self) -> bool:
+        if self.augment is not None:
+            return self.augment
+        return not self.dataset.startswith("synthetic")

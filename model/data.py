@@ -1,0 +1,289 @@
+"""Datasets by name (`cifar10`, `synthetic[:N]`, `imagefolder:NAME`), the seeded train/val
+split, loaders, and the batched on-device input stage (eval transform or augmentation).
+
+Every dataset yields uint8 images of one fixed size per dataset; resizing to the network's
+size, cropping and flipping then happen per batch on the training device.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from model import synthetic
+from model.images import DecodeLimits, ImageError, decode_image, to_tensor
+from model.transforms import EvalTransform, Preprocessing
+
+log = logging.getLogger(__name__)
+
+CIFAR10_LABELS = [
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+]  # fmt: skip
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used; the message says what to fix."""
+
+
+class TensorImages(Dataset[tuple[torch.Tensor, int]]):
+    """In-memory uint8 images (N, 3, H, W) and labels (CIFAR-10)."""
+
+    def __init__(self, images: torch.Tensor, targets: Sequence[int]) -> None:
+        self.images, self.targets = images, torch.as_tensor(targets, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.targets[i])
+
+
+class ImageFiles(Dataset[tuple[torch.Tensor, int]]):
+    """Image files decoded with the service's decoder, resized so the shorter side is
+    `side` and centre-cropped to `side` x `side` (the rest happens on the device)."""
+
+    def __init__(self, files: list[tuple[Path, int]], side: int) -> None:
+        self.files, self.side = files, side
+        self.eval_square = EvalTransform(Preprocessing(side, side))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.files[i]
+        img = decode_image(path.read_bytes(), min_side=self.side)
+        return self.eval_square(to_tensor(img)), label
+
+
+@dataclass
+class DatasetBundle:
+    """A dataset resolved by name: its splits, labels and preprocessing."""
+
+    spec: str
+    labels: list[str]
+    pre: Preprocessing
+    train: Subset[tuple[torch.Tensor, int]]
+    val: Subset[tuple[torch.Tensor, int]]
+    test: Dataset[tuple[torch.Tensor, int]] | None = None
+    split: dict[str, Any] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # unreadable files, reported
+
+
+def split_indices(n: int, val_split: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded permutation cut into (train, val); the same (n, val_split, seed) always
+    gives the same split."""
+    n_val = max(1, round(n * val_split))
+    if n - n_val < 1:
+        raise DatasetError(f"{n} images are too few to split with val_split={val_split}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+def resolve_dataset_dir(data_dir: Path, name: str) -> Path:
+    """`data_dir/name`, refusing anything that leaves `data_dir` (.., absolute paths,
+    symlinks pointing outside)."""
+    root = data_dir.resolve()
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise DatasetError(f"imagefolder name {name!r} must be a plain folder name")
+    path = (data_dir / name).resolve()
+    if path.parent != root:
+        raise DatasetError(f"imagefolder {name!r} resolves outside the data dir {root}")
+    return path
+
+
+def scan_imagefolder(path: Path) -> tuple[list[str], list[tuple[Path, int]], list[str]]:
+    """(labels, files, skipped): class folders sorted by name; files whose header does not
+    decode are skipped and reported."""
+    if not path.is_dir():
+        raise DatasetError(f"imagefolder {path} does not exist: create one folder per class in it")
+    root = path.resolve()
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if len(classes) < 2:
+        raise DatasetError(
+            f"imagefolder {path} has {len(classes)} class folder(s); at least 2 are needed"
+        )
+    files: list[tuple[Path, int]] = []
+    skipped: list[str] = []
+    for label, cls in enumerate(classes):
+        for f in sorted((path / cls).rglob("*")):
+            if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if not f.resolve().is_relative_to(root):
+                skipped.append(f"{f}: links outside the dataset")
+                continue
+            try:
+                decode_image(f.read_bytes(), limits=DecodeLimits(), min_side=64)
+            except (ImageError, OSError) as exc:
+                skipped.append(f"{f}: {exc}")
+                continue
+            files.append((f, label))
+    if not files:
+        raise DatasetError(f"imagefolder {path} has no readable images")
+    for s in skipped:
+        log.warning("skipping unreadable image %s", s)
+    return classes, files, skipped
+
+
+def load_cifar10(root: Path, train: bool) -> TensorImages:
+    from torchvision.datasets import CIFAR10
+
+    try:
+        ds = CIFAR10(str(root), train=train, download=True)
+    except Exception as exc:
+        raise DatasetError(
+            f"CIFAR-10 is not in {root} and could not be downloaded ({exc}); put "
+            f"cifar-10-python.tar.gz (or its extracted cifar-10-batches-py folder) in {root}"
+        ) from exc
+    images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+    return TensorImages(images, ds.targets)
+
+
+def load_dataset(
+    spec: str,
+    *,
+    data_dir: Path,
+    image_size: int,
+    val_split: float,
+    seed: int,
+    pre: Preprocessing | None = None,
+) -> DatasetBundle:
+    """Resolve a dataset by name and split it. `pre` (a checkpoint's preprocessing, for
+    evaluation) overrides the dataset's own. Validation uses the eval transform only."""
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        n = int(spec.split(":", 1)[1]) if ":" in spec else synthetic.DEFAULT_SIZE
+        pre = pre or Preprocessing.for_size(
+            image_size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)
+        )
+        full: Dataset[tuple[torch.Tensor, int]] = synthetic.SyntheticShapes(
+            n, pre.resize_size, seed
+        )
+        labels = list(synthetic.LABELS)
+        # A disjoint held-out set for `alexnet evaluate`: another seed stream.
+        test: Dataset[tuple[torch.Tensor, int]] | None = synthetic.SyntheticShapes(
+            max(n // 5, 10), pre.resize_size, seed + 1_000_003
+        )
+        skipped: list[str] = []
+    elif spec == "cifar10":
+        root = data_dir / "cifar10"
+        pre = pre or Preprocessing.for_size(image_size, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+        full = load_cifar10(root, train=True)
+        test = load_cifar10(root, train=False)
+        labels, skipped = list(CIFAR10_LABELS), []
+    elif spec.startswith("imagefolder:"):
+        path = resolve_dataset_dir(data_dir, spec.split(":", 1)[1])
+        pre = pre or Preprocessing.for_size(image_size)
+        labels, files, skipped = scan_imagefolder(path)
+        full = ImageFiles(files, pre.resize_size)
+        test = None
+    else:
+        raise DatasetError(
+            f"unknown dataset {spec!r}: expected cifar10, synthetic or imagefolder:NAME"
+        )
+    n = len(full)  # type: ignore[arg-type]
+    train_idx, val_idx = split_indices(n, val_split, seed)
+    return DatasetBundle(
+        spec=spec,
+        labels=labels,
+        pre=pre,
+        train=Subset(full, train_idx),
+        val=Subset(full, val_idx),
+        test=test,
+        split={"n": n, "val_split": val_split, "seed": seed, "train": len(train_idx),
+               "val": len(val_idx)},
+        skipped=skipped,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class ShardSampler(Sampler[int]):
+    """Indices of this rank's shard for one epoch, from `start` (to resume mid-epoch).
+
+    Training: a permutation seeded by (seed, epoch), padded so every rank gets the same
+    number of batches (as DistributedSampler does). Validation (`shuffle=False`): a plain
+    strided, unpadded shard, so all-reduced sums count every image exactly once.
+    """
+
+    def __init__(
+        self, n: int, *, rank: int = 0, world: int = 1, shuffle: bool, seed: int = 0
+    ) -> None:
+        self.n, self.rank, self.world, self.shuffle, self.seed = n, rank, world, shuffle, seed
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def indices(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.rank, self.n, self.world))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        per_rank = -(-self.n // self.world)
+        order += order[: per_rank * self.world - self.n]
+        return order[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices()[self.start :])
+
+    def __len__(self) -> int:
+        return max(0, len(self.indices()) - self.start)
+
+
+def make_loader(
+    ds: Dataset[tuple[torch.Tensor, int]],
+    sampler: ShardSampler,
+    *,
+    batch_size: int,
+    workers: int,
+    pin_memory: bool,
+) -> DataLoader[tuple[torch.Tensor, int]]:
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+        drop_last=False,
+    )
+
+
+def default_workers() -> int:
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+class TrainAugment:
+    """The paper's augmentation on a device batch: resize to `resize_size`, a random
+    `image_size` crop and a random horizontal flip per image. Randomness comes from
+    `generator`, which the trainer seeds per (seed, epoch, step) so a resumed run sees
+    exactly the crops it would have seen."""
+
+    def __init__(self, pre: Preprocessing) -> None:
+        self.pre = pre
+        self.to_resize = EvalTransform(Preprocessing(pre.resize_size, pre.resize_size))
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if x.shape[-1] != self.pre.resize_size or x.shape[-2] != self.pre.resize_size:
+            x = self.to_resize(x)
+        b, s, r = x.shape[0], self.pre.image_size, self.pre.resize_size
+        offsets = torch.randint(0, r - s + 1, (b, 2), generator=generator).tolist()
+        flips = torch.rand(b, generator=generator).lt(0.5).tolist()
+        crops = []
+        for i, ((oy, ox), flip) in enumerate(zip(offsets, flips, strict=True)):
+            crop = x[i, :, oy : oy + s, ox : ox + s]  # (3, s, s)
+            crops.append(crop.flip(-1) if flip else crop)
+        return torch.stack(crops)  # (B, 3, s, s)

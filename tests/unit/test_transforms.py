@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.models import AlexNet_Weights
+from torchvision.transforms import v2
+
+from model.transforms import EvalTransform, Normalize, Preprocessing
+
+
+def test_for_size_scales_torchvisions_recipe() -> None:
+    assert Preprocessing.for_size(224).resize_size == 256
+    assert Preprocessing.for_size(64).resize_size == 73
+
+
+def test_bad_preprocessing_is_refused() -> None:
+    with pytest.raises(ValueError, match="center_crop, stretch"):
+        Preprocessing(64, 73, resize="pad")
+    with pytest.raises(ValueError, match="smaller"):
+        Preprocessing(64, 32)
+
+
+def torchvision_v2_preset() -> v2.Compose:
+    """torchvision's own eval preset for the AlexNet weights, in its v2 transforms API."""
+    p = AlexNet_Weights.IMAGENET1K_V1.transforms()
+    return v2.Compose([
+        v2.Resize(p.resize_size, interpolation=p.interpolation, antialias=True),
+        v2.CenterCrop(p.crop_size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(p.mean, p.std),
+    ])  # fmt: skip
+
+
+def test_eval_transform_matches_torchvisions_own_on_the_same_pixels() -> None:
+    torch.manual_seed(0)
+    img = torch.randint(0, 256, (3, 300, 451), dtype=torch.uint8)
+    ours = Normalize(Preprocessing(224, 256))(EvalTransform(Preprocessing(224, 256))(img)[None])
+    torch.testing.assert_close(ours, torchvision_v2_preset()(img)[None], rtol=0, atol=1e-6)
+    # The legacy preset resizes through float32 (10x slower): at most one grey level apart.
+    legacy = AlexNet_Weights.IMAGENET1K_V1.transforms()(img)[None]
+    assert float((ours - legacy).abs().max()) <= 1.01 / 255 / min(Preprocessing(224, 256).std)
+
+
+def test_one_image_and_a_batch_take_the_same_path() -> None:
+    torch.manual_seed(0)
+    batch = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    tf = EvalTransform(Preprocessing.for_size(64))
+    out = tf(batch)
+    assert out.shape == (4, 3, 64, 64) and out.dtype == torch.uint8
+    for i in range(4):
+        assert torch.equal(out[i], tf(batch[i]))
+
+
+def test_stretch_policy_ignores_aspect_ratio() -> None:
+    img = torch.zeros(3, 50, 200, dtype=torch.uint8)
+    out = EvalTransform(Preprocessing(64, 64, resize="stretch"))(img)
+    assert out.shape == (3, 64, 64)
+
+
+def test_normalize_accepts_uint8_and_unit_floats_alike() -> None:
+    pre = Preprocessing(64, 73, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    torch.testing.assert_close(Normalize(pre)(x), torch.full((1, 3, 2, 2), 2.0))
+    torch.testing.assert_close(Normalize(pre)(x.float() / 255), torch.full((1, 3, 2, 2), 2.0))
