@@ -259,6 +259,9 @@ def make_loader(
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
         drop_last=False,
+        # Its own generator: creating an iterator must not consume the global RNG (which
+        # dropout draws from), or a resumed epoch would drop different units.
+        generator=torch.Generator(),
     )
 
 

@@ -208,6 +208,9 @@ class Trainer:
         self.dist = dist_ctx or DistContext()
         self.init_from, self.parent = init_from, parent
         self._stop = False
+        # True while state.safetensors' weights are the best epoch's, which spares writing
+        # best.safetensors (228 MB) after every improving epoch.
+        self._best_in_state = False
         self.history: list[dict[str, Any]] = []
         self.step_losses: list[float] = []
 
@@ -313,6 +316,7 @@ class Trainer:
             "parent": self.parent,
             "init_from": str(self.init_from) if self.init_from else None,
             "finished_version": finished,
+            "best_in_state": self._best_in_state,
             "world": self.dist.world,
         }
         data = st_save(tensors, metadata={"state": json.dumps(meta)})
@@ -339,10 +343,16 @@ class Trainer:
         weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         check_state_dict(model.net, weights, source=str(path))
         model.net.load_state_dict(weights)
+        params = list(model.parameters())
         opt_state: dict[int, dict[str, torch.Tensor]] = {}
         for k, v in tensors.items():
             if k.startswith("optim."):
-                opt_state[int(k.split(".")[1])] = {"momentum_buffer": v.to(model.device)}
+                idx = int(k.split(".")[1])
+                # Same strides as the parameter: the fused SGD kernel walks param, grad and
+                # buffer as flat memory, so a contiguous buffer beside a channels_last
+                # weight would be applied to the wrong elements.
+                buf = torch.empty_like(params[idx]).copy_(v)
+                opt_state[idx] = {"momentum_buffer": buf}
         optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
         policy.load_state_dict(meta["scheduler"])
         early.load_state_dict(meta["early_stopping"])
@@ -353,6 +363,7 @@ class Trainer:
             torch.cuda.set_rng_state(tensors["rng.cuda"])
         self.history = meta["history"]
         self.step_losses = meta["step_losses"]
+        self._best_in_state = bool(meta.get("best_in_state"))
         self.parent = meta.get("parent", self.parent)
         if meta.get("finished_version"):
             raise TrainingError(
@@ -417,8 +428,12 @@ class Trainer:
                 model, optimizer, policy, early, bundle
             )
         best_weights: dict[str, torch.Tensor] | None = None
-        if best is not None and (self.run_dir / BEST_FILE).is_file():
-            best_weights = _read_weights(self.run_dir / BEST_FILE)
+        if best is not None:
+            best_weights = (
+                _to_cpu(model.net.state_dict())
+                if self._best_in_state
+                else _read_weights(self.run_dir / BEST_FILE)
+            )
 
         amp_dtype = None if placement.precision == "fp32" else DTYPES[placement.precision]
         scaler = torch.amp.GradScaler("cuda") if placement.precision == "fp16" else None
@@ -533,6 +548,7 @@ class Trainer:
                         eta_s=eta,
                     )
                 if self._stop_agreed():
+                    self._persist_best(best_weights)
                     self._save_state(model, optimizer, policy, early, epoch=epoch, step=step + 1,
                                      acc=acc, best=best, bundle=bundle)  # fmt: skip
                     self._barrier()
@@ -560,8 +576,9 @@ class Trainer:
             if improved:
                 best = dict(record)
                 best_weights = _to_cpu(model.net.state_dict())
-                if self.dist.is_main:
-                    atomic_write_bytes(self.run_dir / BEST_FILE, st_save(best_weights))
+                self._best_in_state = True  # the state written next holds these weights
+            else:
+                self._persist_best(best_weights)
             self._save_state(model, optimizer, policy, early, epoch=epoch + 1, step=0,
                              acc=_EpochAcc(), best=best, bundle=bundle)  # fmt: skip
             self._write_plot(steps_per_epoch)
@@ -602,6 +619,12 @@ class Trainer:
         t = local.as_tensor().to(placement.device if placement.device.type == "cuda" else "cpu")
         dist.all_reduce(t, op=dist.ReduceOp.SUM)  # sums, so every image counts once
         return EvalResult.from_tensor(t.cpu())
+
+    def _persist_best(self, best_weights: dict[str, torch.Tensor] | None) -> None:
+        """Write best.safetensors before the state file stops holding the best weights."""
+        if self._best_in_state and best_weights is not None and self.dist.is_main:
+            atomic_write_bytes(self.run_dir / BEST_FILE, st_save(best_weights))
+        self._best_in_state = False
 
     def _stop_agreed(self) -> bool:
         """Every rank stops at the same step if any rank was asked to stop."""
