@@ -1,0 +1,114 @@
+"""Upload intake: the streaming body limit, multipart parsing with bounds, and decoding in a
+thread pool. Filenames are only ever echoed back, never used as paths."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+
+from app.errors import AppError, BadRequest, PayloadTooLarge, TooManyFiles, UnsupportedMediaType
+from model.images import DecodeLimits, decode_image, to_tensor
+from model.transforms import EvalTransform
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers on top of the files
+
+
+class BodyLimitMiddleware:
+    """Refuse a request body over its route's limit while it is being read: at once when
+    Content-Length says so, else as soon as the streamed bytes pass the limit (413
+    payload_too_large), before the body is spooled anywhere."""
+
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]) -> None:
+        self.app, self.limit_for = app, limit_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope["path"])
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > limit
+            except ValueError:
+                too_big = False  # h11/httptools reject malformed lengths themselves
+            if too_big:
+                await _send_error(send, PayloadTooLarge(
+                    f"request body is {int(declared)} bytes; the limit here is {limit}"))  # fmt: skip
+                return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _send_error(send: Send, err: AppError) -> None:
+    import json
+
+    body = json.dumps(err.body()).encode()
+    await send({"type": "http.response.start", "status": err.status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close")]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
+
+
+async def read_form(request: Request, *, max_files: int) -> FormData:
+    """Parse multipart/form-data with bounds on files and fields."""
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        raise UnsupportedMediaType(
+            "send the image as multipart/form-data (curl -F file=@photo.jpg ...)"
+        )
+    parser = MultiPartParser(request.headers, request.stream(), max_files=max_files,
+                             max_fields=16, max_part_size=64 * 1024)  # fmt: skip
+    try:
+        return await parser.parse()
+    except MultiPartException as exc:
+        if "Too many files" in exc.message:
+            raise TooManyFiles(f"at most {max_files} file(s) per request") from exc
+        raise BadRequest(f"malformed multipart body: {exc.message}") from exc
+
+
+async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
+    data = await upload.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(f"{upload.filename or 'file'} is larger than {max_bytes} bytes")
+    return data
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """Decodes and preprocesses uploads on a thread pool, off the event loop."""
+
+    limits: DecodeLimits
+    executor: Any  # concurrent.futures.Executor
+
+    def _decode(self, data: bytes, transform: EvalTransform) -> torch.Tensor:
+        img = decode_image(data, limits=self.limits, min_side=transform.pre.min_side)
+        return transform(to_tensor(img))
+
+    async def __call__(self, data: bytes, transform: EvalTransform) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self._decode, data, transform)

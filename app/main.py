@@ -1,0 +1,137 @@
+"""The FastAPI app: `uvicorn app.main:create_app --factory` (what `alexnet serve` runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import warnings
+from collections.abc import AsyncIterator
+from importlib import resources
+
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse
+from PIL import Image
+
+from app.bootstrap import bootstrap
+from app.errors import install_handlers
+from app.intake import (
+    MULTIPART_OVERHEAD,
+    ASGIApp,
+    BodyLimitMiddleware,
+    Message,
+    Receive,
+    Scope,
+    Send,
+)
+from app.routes import classify, health, models
+from app.settings import Settings
+from app.state import AppState, build_state
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Train and serve AlexNet image classifiers.
+
+Upload images to **POST /v1/classify** (one `file`) or **/v1/classify/batch** (several
+`files`) and get softmax top-k answers. Every error has the same shape:
+`{"error": {"code", "message", "details"}}`.
+"""
+
+
+class MetricsMiddleware:
+    """Counts requests by route template and status, and their total latency."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        t0 = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            state: AppState | None = getattr(scope["app"].state, "alexnet", None)
+            route = getattr(scope.get("route"), "path", "unmatched")
+            if state is not None:
+                state.metrics.requests.labels(route, scope["method"], str(status)).inc()
+                state.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+                if status >= 400:
+                    state.metrics.rejections.labels(str(status)).inc()
+
+
+async def _startup(state: AppState) -> None:
+    try:
+        if not await state.load_initial():
+            await bootstrap(state)
+    except Exception:
+        log.exception("startup failed; the service stays up but not ready")
+        state.status, state.status_detail = "no_model", "startup failed; see the log"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        logging.basicConfig(level=settings.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+        # Pillow's decompression-bomb warnings are errors, not log lines.
+        warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+        state = build_state(settings)
+        app.state.alexnet = state
+        state.batcher.start()
+        state.tasks.append(asyncio.create_task(_startup(state), name="startup"))
+        try:
+            yield
+        finally:
+            for task in state.tasks:
+                task.cancel()
+            await state.batcher.stop(drain_timeout_s=min(5.0, settings.shutdown_timeout_s))
+            state.decoder.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="alexnet-service",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        openapi_tags=[
+            {"name": "classify", "description": "Upload images, get top-k classes"},
+            {"name": "models", "description": "Model versions and the served one"},
+            {"name": "health", "description": "Liveness, readiness, metrics"},
+        ],
+    )
+    install_handlers(app)
+    app.include_router(classify.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+
+    page = resources.files("app").joinpath("static/index.html").read_text()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    single = settings.max_upload_bytes + MULTIPART_OVERHEAD
+    batch = settings.max_upload_bytes * settings.max_files + MULTIPART_OVERHEAD
+
+    def limit_for(path: str) -> int:
+        if path == "/v1/classify":
+            return single
+        if path == "/v1/classify/batch":
+            return batch
+        return 1024 * 1024  # JSON bodies (admin)
+
+    app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
+    app.add_middleware(MetricsMiddleware)
+    return app

@@ -1,0 +1,35 @@
+"""Prometheus metrics, on a registry of the app's own (several apps can live in one
+process, as in the tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("alexnet_requests", "HTTP requests by route and status",
+                                ["route", "method", "status"], registry=r)  # fmt: skip
+        self.latency = Histogram("alexnet_request_seconds", "Total request latency by route",
+                                 ["route"], buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.stage = Histogram("alexnet_stage_seconds",
+                               "Latency per stage: decode, queue (wait), inference (batch)",
+                               ["stage"], buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.batch_size = Histogram("alexnet_batch_size", "Images per model batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)  # fmt: skip
+        self.queue_depth = Gauge("alexnet_queue_depth", "Images waiting for the model",
+                                 registry=r)  # fmt: skip
+        self.rejections = Counter("alexnet_rejections", "Refused uploads and requests by reason",
+                                  ["reason"], registry=r)  # fmt: skip
+        self.predictions = Counter("alexnet_predictions", "Top-1 predictions by label (drift)",
+                                   ["label"], registry=r)  # fmt: skip
+        self.model_info = Gauge("alexnet_model_info", "The model being served (value 1)",
+                                ["version", "device", "precision", "compiled"], registry=r)  # fmt: skip
+
+    def set_model(self, version: str, device: str, precision: str, compiled: bool) -> None:
+        self.model_info.clear()
+        self.model_info.labels(version, device, precision, str(compiled).lower()).set(1)

@@ -1,0 +1,160 @@
+"""Model versions as the service sees them: load, validate, warm up, hot swap.
+
+`LoadedModel` is immutable; swapping replaces the registry's reference between batches.
+Requests keep the LoadedModel they were preprocessed for, so none mixes versions.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.checkpoint import (
+    CheckpointError,
+    ModelCard,
+    list_cards,
+    load_version,
+    read_active,
+    remove_partial_saves,
+    resolve_version_dir,
+    write_active,
+)
+from model.device import Placement
+from model.engine import Classifier, for_inference, predict
+from model.synthetic import render
+from model.transforms import EvalTransform
+
+log = logging.getLogger(__name__)
+
+AGREEMENT_MIN = 0.99  # reduced precision is kept only at >= 99% top-1 agreement with fp32
+PROBE_IMAGES = 128
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    card: ModelCard
+    model: Classifier
+    transform: EvalTransform
+    placement: Placement
+    compiled: bool = False
+    precision_check: dict[str, Any] = field(default_factory=dict)
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def version(self) -> str:
+        return self.card.version
+
+    def info(self) -> dict[str, Any]:
+        return {
+            **self.card.model_dump(mode="json"),
+            **self.placement.describe(),
+            "compiled": self.compiled,
+            "precision_check": self.precision_check,
+        }
+
+    def run_batch(self, batch: torch.Tensor, top_k: int) -> list[list[tuple[int, float]]]:
+        """Runs on the batcher's executor thread."""
+        return list(predict(self.model, batch, top_k).rows())
+
+
+def _probe_batch(card: ModelCard, n: int) -> torch.Tensor:
+    """`n` deterministic, varied images (the built-in shapes) at the model's input size."""
+    tf = EvalTransform(card.preprocessing)
+    imgs = [torch.from_numpy(render(7, i, card.resize_size)[0]).permute(2, 0, 1) for i in range(n)]
+    return tf(torch.stack(imgs))
+
+
+def prepare(
+    version_dir: Path,
+    placement: Placement,
+    *,
+    channels_last: bool = True,
+    compile_model: bool = False,
+    warmup_batch_sizes: tuple[int, ...] = (1, 8),
+) -> LoadedModel:
+    """Load and validate a version, place it, check reduced precision against fp32 on probe
+    images (falling back to fp32 below 99% top-1 agreement), compile if asked, warm up.
+    Blocking: call it from a worker thread."""
+    t0 = time.perf_counter()
+    net, card = load_version(version_dir)
+    check: dict[str, Any] = {}
+    if placement.precision != "fp32":
+        probes = _probe_batch(card, PROBE_IMAGES)
+        ref = for_inference(net, card.preprocessing, Placement(placement.device, "fp32"),
+                            channels_last=channels_last)  # fmt: skip
+        ref_top1 = predict(ref, probes, 1).indices[:, 0]
+        net, _ = load_version(version_dir)
+        candidate = for_inference(net, card.preprocessing, placement, channels_last=channels_last)
+        top1 = predict(candidate, probes, 1).indices[:, 0]
+        agreement = float((top1 == ref_top1).float().mean())
+        check = {"agreement_with_fp32": agreement, "probes": PROBE_IMAGES,
+                 "requested": placement.precision}  # fmt: skip
+        if agreement < AGREEMENT_MIN:
+            log.warning("%s: %s agrees with fp32 on %.1f%% of probes; serving fp32",
+                        card.version, placement.precision, 100 * agreement)  # fmt: skip
+            placement = Placement(placement.device, "fp32")
+            model = ref
+        else:
+            model = candidate
+            del ref
+    else:
+        model = for_inference(net, card.preprocessing, placement, channels_last=channels_last)
+    compiled = False
+    if compile_model:
+        model.net = torch.compile(model.net, dynamic=False)  # type: ignore[assignment]
+        compiled = True
+    loaded = LoadedModel(card, model, EvalTransform(card.preprocessing), placement, compiled, check)
+    # Warm-up: first calls allocate and pick kernels; compiled models compile per shape.
+    for bs in warmup_batch_sizes:
+        x = torch.zeros(bs, 3, card.image_size, card.image_size, dtype=torch.uint8)
+        loaded.run_batch(x, 1)
+    log.info(
+        "loaded %s on %s in %.1f s", card.version, placement.describe(), time.perf_counter() - t0
+    )
+    return loaded
+
+
+class Registry:
+    """The versions on disk and the one being served."""
+
+    def __init__(self, models_dir: Path) -> None:
+        self.models_dir = models_dir
+        self.current: LoadedModel | None = None
+        self._swap_lock = threading.Lock()  # one activation at a time
+        models_dir.mkdir(parents=True, exist_ok=True)
+        removed = remove_partial_saves(models_dir)
+        if removed:
+            log.warning("removed %d partial save(s) left by a crash", removed)
+
+    def active_version(self) -> str | None:
+        return read_active(self.models_dir)
+
+    def cards(self) -> list[ModelCard]:
+        return list_cards(self.models_dir)
+
+    def version_dir(self, version: str) -> Path:
+        return resolve_version_dir(self.models_dir, version)
+
+    def candidates(self) -> list[str]:
+        """Versions to try at startup: ACTIVE first, then the others newest first, so a
+        corrupt ACTIVE version falls back to the previous good one."""
+        active = self.active_version()
+        others = [c.version for c in reversed(self.cards()) if c.version != active]
+        return ([active] if active else []) + others
+
+    def swap(self, loaded: LoadedModel, *, persist: bool = True) -> LoadedModel | None:
+        """Serve `loaded` from the next batch on; persist ACTIVE atomically."""
+        with self._swap_lock:
+            if persist:
+                write_active(self.models_dir, loaded.version)
+            previous, self.current = self.current, loaded
+        return previous
+
+
+__all__ = ["CheckpointError", "LoadedModel", "Registry", "prepare"]

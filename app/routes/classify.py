@@ -1,0 +1,164 @@
+"""POST /v1/classify and /v1/classify/batch."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from starlette.datastructures import UploadFile
+
+from app.batching import Row
+from app.errors import (
+    AppError,
+    ClientClosedRequest,
+    RequestTimeout,
+    ValidationFailed,
+    from_image_error,
+    responses,
+)
+from app.intake import read_form, read_upload
+from app.registry import LoadedModel
+from app.schemas import (
+    BatchResponse,
+    ClassifyResponse,
+    FileResult,
+    ModelRef,
+    Prediction,
+    multipart_body,
+)
+from app.state import AppState, StateDep
+from model.images import ImageError
+
+router = APIRouter(prefix="/v1", tags=["classify"])
+
+TopK = Annotated[
+    int, Query(ge=1, le=1000, description="how many classes to return (1..num_classes)")
+]
+
+
+async def _watch_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _result(request: Request, fut: asyncio.Future[Row], deadline: float) -> Row:
+    """Wait for `fut` until the deadline; a client that disconnects cancels its item, so
+    the batcher skips it."""
+    loop = asyncio.get_running_loop()
+    watcher = asyncio.ensure_future(_watch_disconnect(request))
+    waitables: set[asyncio.Future[Any]] = {fut, watcher}
+    try:
+        done, _ = await asyncio.wait(waitables, timeout=max(0.0, deadline - loop.time()),
+                                     return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        if fut in done:
+            return fut.result()
+        fut.cancel()
+        if watcher in done:
+            raise ClientClosedRequest("the client disconnected")
+        raise RequestTimeout("the request did not finish within the request timeout")
+    finally:
+        watcher.cancel()
+
+
+def _predictions(loaded: LoadedModel, row: Row) -> list[Prediction]:
+    labels = loaded.card.labels
+    return [Prediction(label=labels[i], index=i, probability=p) for i, p in row]
+
+
+def _model_ref(loaded: LoadedModel) -> ModelRef:
+    return ModelRef(name=loaded.card.arch, version=loaded.version)
+
+
+def _check_top_k(loaded: LoadedModel, top_k: int) -> None:
+    if top_k > loaded.card.num_classes:
+        raise ValidationFailed(
+            f"top_k: must be at most {loaded.card.num_classes} for model {loaded.version}",
+            details=[{"loc": ["query", "top_k"], "msg": "larger than num_classes"}],
+        )
+
+
+async def _classify_bytes(
+    state: AppState, request: Request, loaded: LoadedModel, data: bytes, top_k: int, deadline: float
+) -> Row:
+    t0 = time.perf_counter()
+    try:
+        with state.batcher.incoming():
+            tensor = await state.decoder(data, loaded.transform)
+    except ImageError as exc:
+        raise from_image_error(exc) from exc
+    finally:
+        state.metrics.stage.labels("decode").observe(time.perf_counter() - t0)
+    fut = state.batcher.submit(tensor, loaded, top_k=top_k, deadline=deadline)
+    state.metrics.queue_depth.set(state.batcher.depth)
+    row = await _result(request, fut, deadline)
+    if row:
+        state.metrics.predictions.labels(loaded.card.labels[row[0][0]]).inc()
+    return row
+
+
+@router.post(
+    "/classify",
+    summary="Classify one image",
+    response_model=ClassifyResponse,
+    responses=responses(400, 413, 415, 422, 429, 500, 503, 504),
+    openapi_extra=multipart_body("file", many=False),
+)
+async def classify(request: Request, state: StateDep, top_k: TopK = 5) -> ClassifyResponse:
+    """Upload one image as the multipart field `file` (JPEG, PNG, WebP, GIF or BMP; the
+    bytes decide, not the filename). Answers the top-k classes with softmax probabilities
+    and the model version that answered."""
+    deadline = asyncio.get_running_loop().time() + state.settings.request_timeout_s
+    loaded = state.model
+    _check_top_k(loaded, top_k)
+    form = await read_form(request, max_files=1)
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ValidationFailed("file: a multipart file field named 'file' is required",
+                                   details=[{"loc": ["body", "file"], "msg": "Field required"}])  # fmt: skip
+        data = await read_upload(upload, state.settings.max_upload_bytes)
+        row = await _classify_bytes(state, request, loaded, data, top_k, deadline)
+    finally:
+        await form.close()
+    return ClassifyResponse(model=_model_ref(loaded), predictions=_predictions(loaded, row))
+
+
+@router.post(
+    "/classify/batch",
+    summary="Classify several images, each answered on its own",
+    response_model=BatchResponse,
+    response_model_exclude_none=True,
+    responses=responses(400, 413, 415, 422, 429, 503, 504),
+    openapi_extra=multipart_body("files", many=True),
+)
+async def classify_batch(request: Request, state: StateDep, top_k: TopK = 5) -> BatchResponse:
+    """Upload up to `max_files` images as repeated multipart fields `files`. A bad file gets
+    an `error` entry in its place and does not fail the others."""
+    deadline = asyncio.get_running_loop().time() + state.settings.request_timeout_s
+    loaded = state.model
+    _check_top_k(loaded, top_k)
+    form = await read_form(request, max_files=state.settings.max_files)
+    try:
+        uploads = [u for u in form.getlist("files") if isinstance(u, UploadFile)]
+        if not uploads:
+            raise ValidationFailed("files: at least one multipart file field named 'files' is required",
+                                   details=[{"loc": ["body", "files"], "msg": "Field required"}])  # fmt: skip
+
+        async def one(upload: UploadFile) -> FileResult:
+            name = upload.filename or "file"
+            try:
+                data = await read_upload(upload, state.settings.max_upload_bytes)
+                row = await _classify_bytes(state, request, loaded, data, top_k, deadline)
+            except AppError as err:
+                state.metrics.rejections.labels(err.code).inc()
+                return FileResult(filename=name, error=err.body()["error"])
+            return FileResult(filename=name, predictions=_predictions(loaded, row))
+
+        results = await asyncio.gather(*(one(u) for u in uploads))
+    finally:
+        await form.close()
+    return BatchResponse(model=_model_ref(loaded), results=list(results))
