@@ -76,7 +76,9 @@ class AppState:
             except CheckpointError as exc:
                 log.error("cannot serve version %s: %s", version, exc)
                 continue
-            self.serve(loaded, persist=version != self.registry.active_version())
+            # Never rewrite ACTIVE at startup: if it is broken, we serve the newest good
+            # version and GET /v1/models shows "active" and "serving" apart.
+            self.serve(loaded, persist=False)
             return True
         self.status = "no_model"
         return False
