@@ -123,7 +123,7 @@ def render(seed: int, index: int, size: int) -> tuple[np.ndarray, int]:
     img = Image.fromarray(np.clip(np.array(bg, np.float32) + grad, 0, 255).astype(np.uint8))
     d = ImageDraw.Draw(img)
     # Clutter: thin lines and small blobs that belong to no class.
-    for _ in range(int(rng.integers(1, 5))):
+    for _ in range(int(rng.integers(0, 3))):
         x0, y0, x1, y1 = (float(v) for v in rng.uniform(0, size, 4))
         if rng.random() < 0.5:
             d.line([x0, y0, x1, y1], fill=_colour(rng), width=int(rng.integers(1, 3)))
@@ -131,7 +131,7 @@ def render(seed: int, index: int, size: int) -> tuple[np.ndarray, int]:
             rr = float(rng.uniform(1, size * 0.06))
             d.ellipse([x0 - rr, y0 - rr, x0 + rr, y0 + rr], fill=_colour(rng))
     # The object: random scale, rotation and position, mostly inside the frame.
-    side = max(8, int(size * rng.uniform(0.5, 0.8)))
+    side = max(8, int(size * rng.uniform(0.55, 0.85)))
     mask = _shape_mask(label, side, rng).rotate(
         float(rng.uniform(0, 360)), resample=Image.Resampling.BILINEAR, expand=True
     )
@@ -140,7 +140,7 @@ def render(seed: int, index: int, size: int) -> tuple[np.ndarray, int]:
     y = int(rng.integers(-mh // 8, max(1, size - mh + mh // 8)))
     img.paste(Image.new("RGB", mask.size, _contrasting(rng, bg)), (x, y), mask)
     arr = np.asarray(img, dtype=np.float32)
-    arr += rng.normal(0, rng.uniform(3, 10), arr.shape).astype(np.float32)
+    arr += rng.normal(0, rng.uniform(2, 8), arr.shape).astype(np.float32)
     return np.clip(arr, 0, 255).astype(np.uint8), label
 
 

@@ -26,7 +26,9 @@ def assert_error(r: object, status: int, code: str) -> dict[str, object]:
 
 
 def test_classify_a_photo(client: TestClient, card: ModelCard, jpeg_photos: list[Path]) -> None:
-    r = client.post("/v1/classify", files={"file": ("cat.jpg", photo_bytes(jpeg_photos[0]), "image/jpeg")})
+    r = client.post(
+        "/v1/classify", files={"file": ("cat.jpg", photo_bytes(jpeg_photos[0]), "image/jpeg")}
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == {"name": "alexnet", "version": card.version}
@@ -67,24 +69,44 @@ def test_corrupt_and_truncated_images_are_400(client: TestClient, jpeg_photos: l
 
 def test_too_many_pixels_is_image_too_large(client: TestClient) -> None:
     big = encode(Image.new("L", (2500, 2000)), "PNG")  # 5 MP > the 4 MP limit, small file
-    assert_error(client.post("/v1/classify", files={"file": ("big.png", big)}), 413, "image_too_large")
+    assert_error(
+        client.post("/v1/classify", files={"file": ("big.png", big)}), 413, "image_too_large"
+    )
 
 
 def test_a_file_over_the_upload_limit_is_payload_too_large(client: TestClient) -> None:
     noise = np.random.default_rng(0).integers(0, 256, (1200, 1200, 3), dtype=np.uint8)
     data = encode(Image.fromarray(noise), "PNG")  # ~4.3 MB > 2 MiB
     assert len(data) > 2 * 1024 * 1024
-    assert_error(client.post("/v1/classify", files={"file": ("n.png", data)}), 413, "payload_too_large")
+    assert_error(
+        client.post("/v1/classify", files={"file": ("n.png", data)}), 413, "payload_too_large"
+    )
 
 
 def test_missing_field_and_wrong_content_type(client: TestClient) -> None:
     png = encode(Image.new("RGB", (80, 80)), "PNG")
-    assert_error(client.post("/v1/classify", files={"image": ("a.png", png)}), 422, "validation_error")
+    assert_error(
+        client.post("/v1/classify", files={"image": ("a.png", png)}), 422, "validation_error"
+    )
     assert_error(client.post("/v1/classify", json={"file": "x"}), 415, "unsupported_media_type")
-    assert_error(client.post("/v1/classify", content=b"--x\r\nbroken", headers={
-        "content-type": "multipart/form-data"}), 400, "invalid_request")  # no boundary
-    assert_error(client.post("/v1/classify", content=b"--x\r\nbroken", headers={
-        "content-type": "multipart/form-data; boundary=x"}), 422, "validation_error")  # no end
+    assert_error(
+        client.post(
+            "/v1/classify",
+            content=b"--x\r\nbroken",
+            headers={"content-type": "multipart/form-data"},
+        ),
+        400,
+        "invalid_request",
+    )  # no boundary
+    assert_error(
+        client.post(
+            "/v1/classify",
+            content=b"--x\r\nbroken",
+            headers={"content-type": "multipart/form-data; boundary=x"},
+        ),
+        422,
+        "validation_error",
+    )  # no end
 
 
 def test_batch_answers_file_by_file(client: TestClient, jpeg_photos: list[Path]) -> None:
@@ -99,10 +121,14 @@ def test_batch_answers_file_by_file(client: TestClient, jpeg_photos: list[Path])
     results = r.json()["results"]
     assert [x["filename"] for x in results] == ["good1.jpg", "bad.txt", "good2.jpg", "broken.jpg"]
     assert len(results[0]["predictions"]) == 2 and "error" not in results[0]
-    assert results[1]["error"]["code"] == "unsupported_media_type" and "predictions" not in results[1]
+    assert (
+        results[1]["error"]["code"] == "unsupported_media_type" and "predictions" not in results[1]
+    )
     assert results[3]["error"]["code"] == "invalid_image"
     # the batch answer equals the single answer for the same file
-    single = client.post("/v1/classify?top_k=2", files={"file": ("g.jpg", photo_bytes(jpeg_photos[2]))})
+    single = client.post(
+        "/v1/classify?top_k=2", files={"file": ("g.jpg", photo_bytes(jpeg_photos[2]))}
+    )
     assert single.json()["predictions"] == results[2]["predictions"]
 
 
@@ -110,7 +136,9 @@ def test_batch_limits(client: TestClient) -> None:
     png = encode(Image.new("RGB", (80, 80)), "PNG")
     five = [("files", (f"{i}.png", png)) for i in range(5)]
     assert_error(client.post("/v1/classify/batch", files=five), 413, "too_many_files")
-    assert_error(client.post("/v1/classify/batch", files={"file": ("a.png", png)}), 422, "validation_error")
+    assert_error(
+        client.post("/v1/classify/batch", files={"file": ("a.png", png)}), 422, "validation_error"
+    )
 
 
 def test_filenames_are_echoed_never_used_as_paths(client: TestClient, tmp_path: Path) -> None:

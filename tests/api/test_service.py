@@ -55,7 +55,9 @@ def test_metrics_cover_every_stage(client: TestClient, jpeg_photos: list[Path]) 
 def test_fastapis_own_errors_use_the_envelope(client: TestClient) -> None:
     assert_error(client.get("/nope"), 404, "not_found")
     assert_error(client.delete("/v1/models"), 405, "method_not_allowed")
-    assert_error(client.post("/v1/classify?top_k=abc", files={"file": ("a", b"x")}), 422, "validation_error")
+    assert_error(
+        client.post("/v1/classify?top_k=abc", files={"file": ("a", b"x")}), 422, "validation_error"
+    )
 
 
 def test_upload_page_is_served_offline(client: TestClient) -> None:
@@ -85,7 +87,9 @@ def test_no_model_means_503_with_retry_after(tmp_path: Path) -> None:
         r = client.get("/readyz")
         assert_error(r, 503, "model_not_ready")
         assert int(r.headers["Retry-After"]) >= 1
-        assert_error(client.post("/v1/classify", files={"file": ("a", b"x")}), 503, "model_not_ready")
+        assert_error(
+            client.post("/v1/classify", files={"file": ("a", b"x")}), 503, "model_not_ready"
+        )
         assert client.get("/healthz").status_code == 200
         assert_error(client.get("/v1/models/active"), 503, "model_not_ready")
 

@@ -174,7 +174,9 @@ def test_a_full_queue_is_refused_with_a_retry_after() -> None:
     async def main() -> None:
         fake = FakeModel()
         fake.gate = threading.Event()
-        b: MicroBatcher[str] = MicroBatcher(fake, max_batch_size=1, max_batch_wait_ms=0, max_queue=2)
+        b: MicroBatcher[str] = MicroBatcher(
+            fake, max_batch_size=1, max_batch_wait_ms=0, max_queue=2
+        )
         b.start()
         d = asyncio.get_running_loop().time() + 5
         running = b.submit(img(0), "m", top_k=1, deadline=d)

@@ -1,0 +1,156 @@
+"""Behaviour that only a real uvicorn server shows: streaming limits, overload, deadlines,
+graceful shutdown; and parity between the server and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import make_version, run_cli
+from tests.e2e.server import Server
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+async def _post_many(
+    url: str, data: bytes, n: int, path: str = "/v1/classify"
+) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=n)) as c:
+        return await asyncio.gather(*(c.post(url + path, files={"file": ("p.jpg", data)})
+                                      for _ in range(n)))  # fmt: skip
+
+
+def test_served_prediction_equals_alexnet_predict(tmp_path: Path, jpeg_photos: list[Path]) -> None:
+    home = tmp_path / "home"
+    make_version(home / "models", activate=True, image_size=96)
+    with Server(home) as srv:
+        served = [httpx.post(srv.url + "/v1/classify", files={"file": (p.name, p.read_bytes())}).json()
+                  for p in jpeg_photos[:2]]  # fmt: skip
+    # one file per call: batches of one on both sides, so the same kernels run (bf16 results
+    # depend slightly on the batch's size)
+    cli = [json.loads(run_cli("predict", "active", str(p), "--json", home=home).stdout)[0]
+           for p in jpeg_photos[:2]]  # fmt: skip
+    for s, c in zip(served, cli, strict=True):
+        assert [p["index"] for p in s["predictions"]] == [p["index"] for p in c["predictions"]]
+        for a, b in zip(s["predictions"], c["predictions"], strict=True):
+            assert a["probability"] == pytest.approx(b["probability"], abs=1e-6)
+
+
+def test_body_limit_is_enforced_while_streaming(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    make_version(home / "models", activate=True)
+    with Server(home, ALEXNET_MAX_UPLOAD_BYTES="100000") as srv:
+        # Declared too large: refused before any body byte is read.
+        r = httpx.post(srv.url + "/v1/classify", content=b"x" * 300_000,
+                       headers={"content-type": "multipart/form-data; boundary=b"})  # fmt: skip
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+        # Chunked, no Content-Length: refused once the streamed bytes pass the limit, while
+        # the client still has 9 MB to send.
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                     b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")  # fmt: skip
+        preamble = (
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n"
+        )
+        sock.sendall(b"%x\r\n%s\r\n" % (len(preamble), preamble))
+        chunk = b"a" * 65536
+        sent, answer = 0, b""
+        sock.settimeout(0.05)
+        try:
+            while sent < 10_000_000 and b"\r\n\r\n" not in answer:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+                try:
+                    answer += sock.recv(65536)
+                except TimeoutError:
+                    pass
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        sock.settimeout(5)
+        try:
+            while b"}" not in answer:
+                part = sock.recv(65536)
+                if not part:
+                    break
+                answer += part
+        except (TimeoutError, ConnectionResetError):
+            pass
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert b"payload_too_large" in answer
+        assert sent < 1_000_000
+        assert httpx.get(srv.url + "/healthz").status_code == 200
+
+
+def test_overload_answers_429_with_retry_after(tmp_path: Path, jpeg_photos: list[Path]) -> None:
+    home = tmp_path / "home"
+    make_version(home / "models", activate=True, num_classes=1000, image_size=224)
+    data = jpeg_photos[0].read_bytes()
+    with Server(home, ALEXNET_MAX_QUEUE="2", ALEXNET_MAX_BATCH_SIZE="1",
+                ALEXNET_PRECISION="fp32") as srv:  # fmt: skip
+        responses = asyncio.run(_post_many(srv.url, data, 40))
+        codes = [r.status_code for r in responses]
+        assert 200 in codes and 429 in codes, codes
+        rejected = next(r for r in responses if r.status_code == 429)
+        assert rejected.json()["error"]["code"] == "overloaded"
+        assert int(rejected.headers["Retry-After"]) >= 1
+        assert set(codes) <= {200, 429}
+        # and it recovers at once
+        assert (
+            httpx.post(srv.url + "/v1/classify", files={"file": ("a.jpg", data)}).status_code == 200
+        )
+
+
+def test_requests_past_their_deadline_get_504(tmp_path: Path, jpeg_photos: list[Path]) -> None:
+    home = tmp_path / "home"
+    make_version(home / "models", activate=True, num_classes=1000, image_size=224)
+    data = jpeg_photos[0].read_bytes()
+    with Server(home, ALEXNET_REQUEST_TIMEOUT_S="0.15", ALEXNET_MAX_BATCH_SIZE="1",
+                ALEXNET_PRECISION="fp32") as srv:  # fmt: skip
+        responses = asyncio.run(_post_many(srv.url, data, 30))
+        codes = [r.status_code for r in responses]
+        assert 504 in codes and 200 in codes, codes
+        late = next(r for r in responses if r.status_code == 504)
+        assert late.json()["error"]["code"] == "timeout"
+        assert set(codes) <= {200, 504}
+
+
+def test_sigterm_finishes_accepted_requests_then_exits(
+    tmp_path: Path, jpeg_photos: list[Path]
+) -> None:
+    home = tmp_path / "home"
+    make_version(home / "models", activate=True, num_classes=1000, image_size=224)
+    data = jpeg_photos[0].read_bytes()
+    srv = Server(home, ALEXNET_MAX_BATCH_SIZE="4", ALEXNET_PRECISION="fp32").start()
+
+    async def scenario() -> tuple[list[httpx.Response], float]:
+        async with httpx.AsyncClient(timeout=30) as c:
+            tasks = [asyncio.create_task(c.post(srv.url + "/v1/classify", files={"file": ("a.jpg", data)}))
+                     for _ in range(12)]  # fmt: skip
+            await asyncio.sleep(0.3)  # all 12 are accepted and queued or running
+            t0 = time.monotonic()
+            assert srv.proc is not None
+            srv.proc.send_signal(15)
+            results = await asyncio.gather(*tasks)
+            await asyncio.to_thread(srv.proc.wait, 15)
+            return list(results), time.monotonic() - t0
+
+    try:
+        results, took = asyncio.run(scenario())
+    finally:
+        if srv.proc and srv.proc.poll() is None:
+            srv.proc.kill()
+    assert [r.status_code for r in results] == [200] * 12
+    # uvicorn re-raises the SIGTERM it handled once shutdown is complete: exit status 143
+    assert srv.proc is not None and srv.proc.returncode in (0, -15)
+    assert "Traceback" not in srv.log.read_text()
+    assert took < 10  # inside Docker's default stop grace period
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(srv.url + "/healthz")
