@@ -6,6 +6,7 @@ Requests keep the LoadedModel they were preprocessed for, so none mixes versions
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -86,23 +87,20 @@ def prepare(
     check: dict[str, Any] = {}
     if placement.precision != "fp32":
         probes = _probe_batch(card, PROBE_IMAGES)
-        ref = for_inference(net, card.preprocessing, Placement(placement.device, "fp32"),
-                            channels_last=channels_last)  # fmt: skip
-        ref_top1 = predict(ref, probes, 1).indices[:, 0]
-        net, _ = load_version(version_dir)
-        candidate = for_inference(net, card.preprocessing, placement, channels_last=channels_last)
-        top1 = predict(candidate, probes, 1).indices[:, 0]
+        fp32 = Placement(placement.device, "fp32")
+        ref_top1 = predict(for_inference(net, card.preprocessing, fp32, channels_last=channels_last),
+                           probes, 1).indices[:, 0]  # fmt: skip
+        model = for_inference(net, card.preprocessing, placement, channels_last=channels_last)
+        top1 = predict(model, probes, 1).indices[:, 0]
         agreement = float((top1 == ref_top1).float().mean())
         check = {"agreement_with_fp32": agreement, "probes": PROBE_IMAGES,
                  "requested": placement.precision}  # fmt: skip
         if agreement < AGREEMENT_MIN:
             log.warning("%s: %s agrees with fp32 on %.1f%% of probes; serving fp32",
                         card.version, placement.precision, 100 * agreement)  # fmt: skip
-            placement = Placement(placement.device, "fp32")
-            model = ref
-        else:
-            model = candidate
-            del ref
+            placement = fp32
+            net, _ = load_version(version_dir)  # the fp32 weights, not bf16 rounded
+            model = for_inference(net, card.preprocessing, fp32, channels_last=channels_last)
     else:
         model = for_inference(net, card.preprocessing, placement, channels_last=channels_last)
     compiled = False
@@ -117,7 +115,17 @@ def prepare(
     log.info(
         "loaded %s on %s in %.1f s", card.version, placement.describe(), time.perf_counter() - t0
     )
+    release_freed_memory()
     return loaded
+
+
+def release_freed_memory() -> None:
+    """Loading holds the weights several times over (file bytes, fp32, bf16); hand the
+    freed heap back to the OS so the resident size is the model's, not its loading's."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class Registry:

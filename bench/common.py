@@ -1,0 +1,72 @@
+"""Helpers shared by the benchmarks: real photos, tables, machine description."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+          "hubble_deep_field.jpg", "retina.jpg", "brick.png", "grass.png", "color.png")  # fmt: skip
+
+
+def photo_paths() -> list[Path]:
+    """Real public-domain photos shipped with scikit-image and matplotlib (dev extra)."""
+    out: list[Path] = []
+    spec = importlib.util.find_spec("skimage")
+    if spec and spec.submodule_search_locations:
+        data = Path(next(iter(spec.submodule_search_locations))) / "data"
+        out += [data / n for n in PHOTOS if (data / n).is_file()]
+    mpl = importlib.util.find_spec("matplotlib")
+    if mpl and mpl.submodule_search_locations:
+        p = (
+            Path(next(iter(mpl.submodule_search_locations)))
+            / "mpl-data/sample_data/grace_hopper.jpg"
+        )
+        if p.is_file():
+            out.append(p)
+    if not out:
+        raise SystemExit("no sample photos: pip install -e '.[dev]' (scikit-image)")
+    return out
+
+
+def jpeg_photos(folder: Path, size: tuple[int, int] | None = (1024, 768)) -> list[Path]:
+    """The photos as JPEG files of a typical upload size (quality 90)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for src in photo_paths():
+        img = Image.open(src).convert("RGB")
+        if size:
+            img = img.resize(size, Image.Resampling.BICUBIC)
+        dst = folder / f"{src.stem}.jpg"
+        img.save(dst, quality=90)
+        out.append(dst)
+    return out
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")  # fmt: skip
+
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells
+    ]
+    return "\n".join([line, sep, *body])

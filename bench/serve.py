@@ -1,0 +1,215 @@
+"""HTTP serving benchmark: the real server under wrk, with real JPEG photos.
+
+(a) our defaults; (b) the same server with batching off and fp32 (a tutorial server);
+(c) the in-process limit: decode + preprocess + forward, no HTTP, same precision as (a).
+Concurrency 1, 8 and 32. Also: resident memory after warm-up and after each run, and the
+time from start to ready with and without torch.compile.
+
+    python bench/serve.py [--seconds 10]      # needs wrk (apt-get install wrk)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import jpeg_photos, machine, table
+from model.checkpoint import (
+    load_version,
+    save_version,
+    write_active,
+)
+from model.device import resolve
+from model.engine import for_inference, predict
+from model.images import decode_image, to_tensor
+from model.network import build_model
+from model.pretrained import IMAGENET_PRE
+from model.transforms import EvalTransform
+
+REPO = Path(__file__).resolve().parent.parent
+LUA = """
+local files = {%s}
+local bodies = {}
+local boundary = "----alexnetbench"
+for i, path in ipairs(files) do
+  local f = assert(io.open(path, "rb")); local data = f:read("*a"); f:close()
+  bodies[i] = "--" .. boundary .. "\\r\\nContent-Disposition: form-data; name=\\"file\\"; filename=\\"p.jpg\\"\\r\\n" ..
+    "Content-Type: image/jpeg\\r\\n\\r\\n" .. data .. "\\r\\n--" .. boundary .. "--\\r\\n"
+end
+local n = 0
+request = function()
+  n = n + 1
+  local body = bodies[(n %% #bodies) + 1]
+  return wrk.format("POST", "/v1/classify", {["Content-Type"] = "multipart/form-data; boundary=" .. boundary}, body)
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str, float]:
+    port = free_port()
+    full = {**os.environ, "ALEXNET_HOME": str(home), "ALEXNET_PORT": str(port),
+            "ALEXNET_BOOTSTRAP": "none", "ALEXNET_LOG_LEVEL": "warning", **env}  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=REPO, env=full,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return proc, url, time.perf_counter() - t0
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit("server died")
+        time.sleep(0.05)
+
+
+def wrk(url: str, script: Path, conc: int, seconds: int) -> dict[str, float]:
+    out = subprocess.run(["wrk", "-t1", f"-c{conc}", f"-d{seconds}s", "--latency", "--timeout", "30s",
+                          "-s", str(script), url], capture_output=True, text=True, check=True).stdout  # fmt: skip
+
+    def lat(p: str) -> float:
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)", out, re.M)
+        assert m, out
+        v, unit = float(m.group(1)), m.group(2)
+        return v / 1000 if unit == "us" else v if unit == "ms" else v * 1000
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": rps,
+        "p50": lat("50"),
+        "p99": lat("99"),
+        "errors": float(bad.group(1)) if bad else 0.0,
+    }
+
+
+def in_process(version_dir: Path, datas: list[bytes], seconds: float) -> tuple[float, float]:
+    """(img/s at batch 32, median ms for one image) for decode + preprocess + forward."""
+    net, card = load_version(version_dir)
+    model = for_inference(net, card.preprocessing, resolve("auto", "auto"))
+    tf = EvalTransform(card.preprocessing)
+
+    def prep(d: bytes) -> torch.Tensor:
+        return tf(to_tensor(decode_image(d, min_side=card.preprocessing.min_side)))
+
+    for _ in range(2):
+        predict(model, torch.stack([prep(d) for d in datas[:8]]), 5)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for i in range(0, len(datas) * 3, 32):
+            batch = [prep(datas[(i + j) % len(datas)]) for j in range(32)]
+            predict(model, torch.stack(batch), 5)
+            n += 32
+    rate = n / (time.perf_counter() - t0)
+    one = []
+    for d in datas * 3:
+        t = time.perf_counter()
+        predict(model, prep(d)[None], 5)
+        one.append((time.perf_counter() - t) * 1000)
+    return rate, sorted(one)[len(one) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--no-compile-timing", action="store_true")
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk not found: apt-get install wrk")
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "home"
+        torch.manual_seed(0)
+        net = build_model("alexnet", num_classes=1000)
+        with torch.no_grad():
+            net.classifier[6].weight.mul_(20)
+        card = save_version(home / "models", net, arch="alexnet",
+                            labels=[f"class {i}" for i in range(1000)], pre=IMAGENET_PRE)  # fmt: skip
+        write_active(home / "models", card.version)
+        photos = jpeg_photos(Path(tmp) / "photos", (640, 480))
+        script = Path(tmp) / "post.lua"
+        script.write_text(LUA % ", ".join(f'"{p}"' for p in photos))
+        configs = {
+            "(a) defaults": {},
+            "(b) no batching, fp32": {"ALEXNET_MAX_BATCH_SIZE": "1", "ALEXNET_PRECISION": "fp32"},
+        }
+        results: dict[str, dict[int, dict[str, float]]] = {}
+        mem_rows, ready_rows = [], []
+        for name, env in configs.items():
+            proc, url, ready_s = start(home, env)
+            ready_rows.append([name, "no", f"{ready_s:.1f}"])
+            mem = [f"{rss_mb(proc.pid):.0f}"]
+            results[name] = {}
+            for conc in (1, 8, 32):
+                wrk(url, script, conc, 2)  # warm the connection pool and allocator
+                results[name][conc] = wrk(url, script, conc, args.seconds)
+                mem.append(f"{rss_mb(proc.pid):.0f}")
+            mem_rows.append([name, *mem])
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        if not args.no_compile_timing:
+            proc, url, ready_s = start(home, {"ALEXNET_COMPILE": "true"})
+            ready_rows.append(["(a) defaults", "yes (ALEXNET_COMPILE=true)", f"{ready_s:.1f}"])
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        datas = [p.read_bytes() for p in photos]
+        c_rate, c_one_ms = in_process(home / "models" / card.version, datas, args.seconds)
+
+    a, b = results["(a) defaults"], results["(b) no batching, fp32"]
+    rows = []
+    for conc in (1, 8, 32):
+        for name, r in (("(a) defaults", a), ("(b) no batching, fp32", b)):
+            x = r[conc]
+            rows.append(
+                [
+                    conc,
+                    name,
+                    f"{x['rps']:.1f}",
+                    f"{x['p50']:.1f}",
+                    f"{x['p99']:.1f}",
+                    int(x["errors"]),
+                ]
+            )
+        rows.append([conc, "(c) in-process limit", f"{c_rate:.1f}" if conc > 1 else f"{1000 / c_one_ms:.1f}",
+                     f"{c_one_ms:.1f}" if conc == 1 else "-", "-", "-"])  # fmt: skip
+    print(f"Machine: {machine()}\nModel: AlexNet, 1000 classes, 224x224; JPEG photos 640x480; "
+          f"wrk -t1, {args.seconds} s per run\n")  # fmt: skip
+    print(table(["concurrency", "server", "img/s", "p50 ms", "p99 ms", "non-2xx"], rows))
+    print("\nRatios:")
+    print(f"- (a)/(b) at c32: {a[32]['rps'] / b[32]['rps']:.2f}x (target >= 5x)")
+    print(f"- (a)/(c) at c32: {a[32]['rps'] / c_rate:.0%} of the in-process limit (target >= 80%)")
+    print(f"- p50 (a)/(b) at c1: {a[1]['p50'] / b[1]['p50']:.2f}x (target <= 1.2x)")
+    print("\nResident memory (MB): after warm-up, after c1, c8, c32")
+    print(table(["server", "warm", "c1", "c8", "c32"], mem_rows))
+    print("\nStart to ready")
+    print(table(["server", "compiled", "seconds"], ready_rows))
+
+
+if __name__ == "__main__":
+    main()
