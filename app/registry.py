@@ -6,6 +6,7 @@ Requests keep the LoadedModel they were preprocessed for, so none mixes versions
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import threading
@@ -122,10 +123,8 @@ def prepare(
 def release_freed_memory() -> None:
     """Loading holds the weights several times over (file bytes, fp32, bf16); hand the
     freed heap back to the OS so the resident size is the model's, not its loading's."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 class Registry:
