@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -294,11 +293,6 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        # Idle OpenMP threads sleep instead of spinning, leaving the cores to the HTTP and
-        # decode threads between batches (+13% images/s at concurrency 32 on 2 cores).
-        # It must be set before torch starts its thread pool.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

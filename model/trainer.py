@@ -558,6 +558,8 @@ class Trainer:
             t_val = time.perf_counter()
             val = self._validate(model, val_loader, eval_tf, placement, amp_dtype)
             val_seconds = time.perf_counter() - t_val
+            log.info("validated rank %d epoch %d: loss %.6f top1 %.6f top5 %.6f n %d",
+                     self.dist.rank, epoch + 1, val.loss, val.top1, val.top5, val.count)  # fmt: skip
             lr_used = policy.lr
             policy.step(val.loss, val.top1)
             improved = early(val.loss)
