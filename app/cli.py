@@ -53,6 +53,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--init", choices=["default", "paper"], help="weight initialisation")
+    p.add_argument("--dropout", type=float, help="dropout on fc6 and fc7 (default 0.5)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crop + flip (default: on for cifar10 and imagefolder)")  # fmt: skip
     p.add_argument("--workers", type=int, help="DataLoader worker processes")

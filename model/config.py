@@ -42,6 +42,9 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     init: Literal["default", "paper"] = "default"
+    dropout: float = Field(
+        0.5, ge=0, lt=1, description="dropout on fc6/fc7 (the paper's 0.5); lower learns faster"
+    )
     augment: bool | None = Field(
         None, description="random crop + flip; default: on for cifar10/imagefolder"
     )

@@ -236,7 +236,8 @@ class Trainer:
 
     def _build(self, bundle: DatasetBundle, placement: Placement) -> Classifier:
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
-        net = build_model(self.cfg.arch, num_classes=len(bundle.labels), init=self.cfg.init)
+        net = build_model(self.cfg.arch, num_classes=len(bundle.labels), init=self.cfg.init,
+                          dropout=self.cfg.dropout)  # fmt: skip
         if self.init_from is not None:
             self._load_initial_weights(net, bundle)
         net = net.to(placement.device).to(memory_format=torch.channels_last)
