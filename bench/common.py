@@ -29,8 +29,6 @@ def photo_paths() -> list[Path]:
         )
         if p.is_file():
             out.append(p)
-    if not out:
-        raise SystemExit("no sample photos: pip install -e '.[dev]' (scikit-image)")
     return out
 
 

@@ -16,7 +16,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F1
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import jpeg_photos, machine, table
+from bench.common import jpeg_photos, machine, photo_paths, table
 from model.images import decode_image, to_tensor
 from model.pretrained import IMAGENET_PRE
 from model.transforms import EvalTransform
@@ -62,6 +62,8 @@ OPTIONS: list[tuple[str, Callable[[bytes], torch.Tensor]]] = [
 def main() -> None:
     torch.set_num_threads(1)  # decoding runs one image per thread in the service
     rows = []
+    if not photo_paths():
+        raise SystemExit("no sample photos: pip install -e '.[dev]' (scikit-image)")
     with tempfile.TemporaryDirectory() as tmp:
         for size in [(1024, 768), (3000, 2000)]:
             files = jpeg_photos(Path(tmp) / f"{size[0]}", size)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import subprocess
@@ -14,32 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
+from bench.common import photo_paths
 from model.checkpoint import ModelCard, save_version, write_active
 from model.network import build_model
 from model.transforms import Preprocessing
 
 REPO = Path(__file__).resolve().parent.parent
-PHOTO_NAMES = (
-    "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-    "hubble_deep_field.jpg", "retina.jpg", "brick.png", "grass.png", "color.png",
-)  # fmt: skip
-
-
-def _photo_sources() -> list[Path]:
-    spec = importlib.util.find_spec("skimage")
-    paths: list[Path] = []
-    if spec and spec.submodule_search_locations:
-        data = Path(next(iter(spec.submodule_search_locations))) / "data"
-        paths += [data / n for n in PHOTO_NAMES if (data / n).is_file()]
-    mpl = importlib.util.find_spec("matplotlib")
-    if mpl and mpl.submodule_search_locations:
-        hopper = (
-            Path(next(iter(mpl.submodule_search_locations)))
-            / "mpl-data/sample_data/grace_hopper.jpg"
-        )
-        if hopper.is_file():
-            paths.append(hopper)
-    return paths
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +26,7 @@ def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real public-domain photos (scikit-image's and matplotlib's sample data) as RGB
     JPEG and PNG files."""
     out = tmp_path_factory.mktemp("photos")
-    sources = _photo_sources()
+    sources = photo_paths()
     if len(sources) < 4:
         pytest.fail("real sample photos not found: install the dev extra (scikit-image)")
     for src in sources:
