@@ -24,7 +24,7 @@ def wait_ready(client: TestClient, timeout_s: float = 60) -> None:
 
 
 def make_client(home: Path, **overrides: Any) -> TestClient:
-    settings = Settings(home=home, bootstrap="none", **overrides)
+    settings = Settings(**{"home": home, "bootstrap": "none", **overrides})
     return TestClient(create_app(settings))
 
 

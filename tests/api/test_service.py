@@ -120,3 +120,24 @@ def test_a_model_error_is_500_and_the_service_lives_on(
     assert_error(client.post("/v1/classify", files=files), 500, "internal_error")
     monkeypatch.undo()
     assert client.post("/v1/classify", files=files).status_code == 200
+
+
+def test_bootstrap_imagenet_imports_torchvisions_cached_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+    import torchvision
+
+    torch_home = tmp_path / "torch"
+    (torch_home / "hub" / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(),
+               torch_home / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth")  # fmt: skip
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    home = tmp_path / "home"
+    with make_client(home, bootstrap="imagenet") as client:
+        wait_ready(client)
+        active = client.get("/v1/models/active").json()
+        assert active["num_classes"] == 1000 and active["labels"][0] == "tench"
+        assert active["source"] == "torchvision"
+        assert (home / "models" / "ACTIVE").read_text().strip() == active["version"]
