@@ -85,7 +85,6 @@ class AppState:
 
 
 def build_state(settings: Settings) -> AppState:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     metrics = Metrics()
     registry = Registry(settings.models_dir)
     placement = resolve(settings.device, settings.precision)
