@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from app.state import AppState
-from model.checkpoint import CheckpointError, read_active, write_active
+from model.checkpoint import CheckpointError
 from model.pretrained import cached_weights_path, import_torchvision
 
 log = logging.getLogger(__name__)
@@ -25,8 +25,6 @@ async def import_imagenet(state: AppState, *, allow_download: bool) -> bool:
     except (CheckpointError, TimeoutError) as exc:
         log.warning("ImageNet weights unavailable: %s", exc)
         return False
-    if read_active(models_dir) is None:
-        write_active(models_dir, card.version)
     loaded = await asyncio.to_thread(state.load, card.version)
     state.serve(loaded)
     return True

@@ -154,7 +154,8 @@ async def classify_batch(request: Request, state: StateDep, top_k: TopK = 5) -> 
                 data = await read_upload(upload, state.settings.max_upload_bytes)
                 row = await _classify_bytes(state, request, loaded, data, top_k, deadline)
             except AppError as err:
-                state.metrics.rejections.labels(err.code).inc()
+                # same label scheme as whole-request rejections (MetricsMiddleware): status
+                state.metrics.rejections.labels(str(err.status)).inc()
                 return FileResult(filename=name, error=err.body()["error"])
             return FileResult(filename=name, predictions=_predictions(loaded, row))
 
