@@ -1,10 +1,16 @@
-"""First start with no model: ALEXNET_BOOTSTRAP = auto | imagenet | synthetic | none."""
+"""First start with no model: ALEXNET_BOOTSTRAP = auto | imagenet | synthetic | none.
+
+`auto`: torchvision's ImageNet weights when cached or downloadable, else a training job on
+the built-in `synthetic` dataset, run by the admin job runner and activated when it is done
+(visible under /admin/jobs as source `bootstrap`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Final
 
+from app.jobs import Job, JobRequest
 from app.state import AppState
 from model.checkpoint import CheckpointError
 from model.pretrained import cached_weights_path, import_torchvision
@@ -12,6 +18,13 @@ from model.pretrained import cached_weights_path, import_torchvision
 log = logging.getLogger(__name__)
 
 DOWNLOAD_TIMEOUT_S = 120.0
+
+# The embedded default's recipe: small images, no dropout (it only slows learning on this
+# little data), a batch small enough for many steps per minute on a CPU.
+BOOTSTRAP_RECIPE: Final = JobRequest(
+    dataset="synthetic", image_size=64, batch_size=32, dropout=0.0, epochs=12, patience=5,
+    activate="always",
+)  # fmt: skip
 
 
 async def import_imagenet(state: AppState, *, allow_download: bool) -> bool:
@@ -30,6 +43,22 @@ async def import_imagenet(state: AppState, *, allow_download: bool) -> bool:
     return True
 
 
+def start_synthetic_job(state: AppState) -> Job:
+    """Queue the bootstrap training job, or pick up one a previous start left unfinished."""
+    assert state.jobs is not None and state.runner is not None
+    for job in state.jobs.list(limit=1000):
+        if job.source != "bootstrap" or job.status not in ("queued", "running", "interrupted"):
+            continue
+        if job.status == "interrupted":
+            log.info("resuming the bootstrap job %s", job.id)
+            state.runner.requeue(job.id)
+        return job
+    job = state.jobs.create(BOOTSTRAP_RECIPE, source="bootstrap")
+    state.runner.wake()
+    log.info("no model: training the built-in synthetic model as job %s", job.id)
+    return job
+
+
 async def bootstrap(state: AppState) -> None:
     mode = state.settings.bootstrap
     if mode == "none":
@@ -43,10 +72,6 @@ async def bootstrap(state: AppState) -> None:
         if mode == "imagenet":
             state.status, state.status_detail = "no_model", "ImageNet weights unavailable"
             return
-    # The offline fallback, a training job on `synthetic`, needs the admin API's job runner
-    # (not built yet): until then the service says how to get a model.
-    state.status, state.status_detail = (
-        "no_model",
-        "no model yet: run `alexnet train --dataset synthetic --image-size 64` or "
-        "`alexnet import-torchvision`",
-    )
+    job = start_synthetic_job(state)
+    state.bootstrap_job_id = job.id
+    state.status_detail = f"training the built-in model on synthetic data (job {job.id})"

@@ -66,6 +66,8 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activate", action="store_true", help="make the new version active")
     p.add_argument("--run-dir", type=Path, help="where the run's state, plot and log go")
     p.add_argument("--events-file", type=Path, help="append progress events as JSON lines")
+    # Admin jobs: the service decides about activation itself, after loading the version.
+    p.add_argument("--keep-active", action="store_true", help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:

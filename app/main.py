@@ -25,7 +25,7 @@ from app.intake import (
     Scope,
     Send,
 )
-from app.routes import classify, health, models
+from app.routes import admin, classify, health, models
 from app.settings import Settings
 from app.state import AppState, build_state
 
@@ -91,12 +91,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state = build_state(settings)
         app.state.alexnet = state
         state.batcher.start()
+        assert state.runner is not None and state.jobs is not None
+        state.runner.start()
         state.tasks.append(asyncio.create_task(_startup(state), name="startup"))
         try:
             yield
         finally:
             for task in state.tasks:
                 task.cancel()
+            await state.runner.stop()
+            state.jobs.close()
             await state.batcher.stop(drain_timeout_s=min(5.0, settings.shutdown_timeout_s))
             state.decoder.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -109,12 +113,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "classify", "description": "Upload images, get top-k classes"},
             {"name": "models", "description": "Model versions and the served one"},
             {"name": "health", "description": "Liveness, readiness, metrics"},
+            {"name": "admin", "description": "Training jobs and activation (bearer token)"},
         ],
     )
     install_handlers(app)
     app.include_router(classify.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(admin.router)
 
     page = resources.files("app").joinpath("static/index.html").read_text()
 

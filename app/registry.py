@@ -18,8 +18,10 @@ from typing import Any
 import torch
 
 from model.checkpoint import (
+    CARD_FILE,
     CheckpointError,
     ModelCard,
+    check_version_name,
     list_cards,
     load_version,
     read_active,
@@ -147,6 +149,14 @@ class Registry:
 
     def version_dir(self, version: str) -> Path:
         return resolve_version_dir(self.models_dir, version)
+
+    def stored_version_dir(self, version: str) -> Path:
+        """A version stored under models_dir, by name only (never a path)."""
+        check_version_name(version)
+        path = self.models_dir / version
+        if not (path / CARD_FILE).is_file():
+            raise CheckpointError(f"no model version {version!r}")
+        return path
 
     def candidates(self) -> list[str]:
         """Versions to try at startup: ACTIVE first, then the others newest first, so a

@@ -91,3 +91,60 @@ def multipart_body(field: str, *, many: bool) -> dict[str, Any]:
     schema = {"type": "array", "items": item} if many else item
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": [field], "properties": {field: schema}}}}}}  # fmt: skip
+
+
+class JobProgress(BaseModel):
+    epoch: int = Field(description="the epoch running (or last finished), from 1")
+    epochs: int
+    step: int = Field(description="steps done in this epoch")
+    steps: int = Field(description="steps per epoch")
+    images_per_s: float | None = None
+    eta_s: float | None = Field(None, description="seconds left, at the current rate")
+
+
+class JobOut(BaseModel):
+    id: str = Field(examples=["3f2a9c1b7d4e"])
+    status: str = Field(
+        description="queued, running, succeeded, failed, cancelled or interrupted",
+        examples=["running"],
+    )
+    source: str = Field(description="api, or bootstrap for the embedded default")
+    config: dict[str, Any] = Field(description="the full training configuration")
+    activate: str
+    nproc_per_node: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    progress: JobProgress
+    history: list[dict[str, Any]] = Field(
+        description="per epoch: train_loss, val_loss, val_top1, val_top5, lr, grad_norm, "
+        "images_per_s, epoch_time_s"
+    )
+    result_version: str | None
+    metrics: dict[str, Any] | None
+    activated: bool
+    activation: str | None = Field(description="why the result was or was not activated")
+    error: str | None
+    attempts: int = Field(description="how many times a process ran it (resumes count)")
+
+    model_config = {"json_schema_extra": {"examples": [{
+        "id": "3f2a9c1b7d4e", "status": "running", "source": "api",
+        "config": {"dataset": "synthetic", "epochs": 10, "image_size": 64, "batch_size": 32},
+        "activate": "if_better", "nproc_per_node": 1, "created_at": 1795760100.0,
+        "started_at": 1795760101.2, "finished_at": None,
+        "progress": {"epoch": 3, "epochs": 10, "step": 41, "steps": 100,
+                     "images_per_s": 121.5, "eta_s": 190.0},
+        "history": [{"epoch": 1, "train_loss": 2.21, "val_loss": 1.91, "val_top1": 0.21,
+                     "val_top5": 0.83, "lr": 0.01}],
+        "result_version": None, "metrics": None, "activated": False, "activation": None,
+        "error": None, "attempts": 1}]}}  # fmt: skip
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+
+
+class ActivateResponse(BaseModel):
+    active: str = Field(examples=["20261127-031500-ab12"])
+    previous: str | None = Field(description="activate this one to roll back")
+    model: dict[str, Any] = Field(description="the new version's model.json, device, precision")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -41,10 +42,18 @@ class Settings(BaseSettings):
     max_files: int = Field(32, ge=1, le=256)
 
     admin_token: SecretStr | None = None
+    # Training jobs: one at a time, niced, with capped threads so serving keeps its share.
+    job_threads: int = Field(0, ge=0, le=1024)  # 0: all cores but one (at least one)
+    job_nice: int = Field(10, ge=0, le=19)
+    max_queued_jobs: int = Field(8, ge=1, le=10_000)
     bootstrap: Literal["auto", "imagenet", "synthetic", "none"] = "auto"
     shutdown_timeout_s: float = Field(8.0, ge=0)  # below Docker's 10 s stop grace
     cors_origins: list[str] = Field(default_factory=list)
     log_level: str = "info"
+
+    @cached_property
+    def effective_job_threads(self) -> int:
+        return self.job_threads or max(1, (os.cpu_count() or 1) - 1)
 
     @cached_property
     def models_dir(self) -> Path:

@@ -16,10 +16,11 @@ from fastapi import Depends, Request
 from app.batching import BatchStats, MicroBatcher, Row
 from app.errors import ModelNotReady
 from app.intake import Decoder
+from app.jobs import Job, JobRunner, JobStore
 from app.metrics import Metrics
 from app.registry import LoadedModel, Registry, prepare
 from app.settings import Settings
-from model.checkpoint import CheckpointError
+from model.checkpoint import CheckpointError, ModelCard, read_card
 from model.device import Placement, resolve
 from model.images import DecodeLimits
 
@@ -38,16 +39,37 @@ class AppState:
     status: str = "starting"  # starting | loading | bootstrapping | ready | no_model
     status_detail: str = ""
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    jobs: JobStore | None = None
+    runner: JobRunner | None = None
+    bootstrap_job_id: str | None = None
+    activation_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def model(self) -> LoadedModel:
         current = self.registry.current
         if current is None:
+            detail = self.status_detail
+            if self.bootstrap_job_id and self.jobs is not None:
+                detail = self._bootstrap_detail(self.bootstrap_job_id)
             raise ModelNotReady(
-                f"no model is loaded yet ({self.status}{': ' + self.status_detail if self.status_detail else ''})",
+                f"no model is loaded yet ({self.status}{': ' + detail if detail else ''})",
                 retry_after_s=5,
+                details={"status": self.status, "bootstrap_job": self.bootstrap_job_id},
             )
         return current
+
+    def _bootstrap_detail(self, job_id: str) -> str:
+        assert self.jobs is not None
+        job = self.jobs.get(job_id)
+        if job is None:
+            return self.status_detail
+        if job.status == "running":
+            eta = f", about {job.eta_s:.0f} s left" if job.eta_s else ""
+            return (f"training the built-in model on synthetic data (job {job.id}, epoch "
+                    f"{job.epoch}/{job.epochs or job.config['epochs']}{eta})")  # fmt: skip
+        if job.status in ("failed", "cancelled", "interrupted"):
+            return f"the built-in model's training job {job.id} is {job.status}: {job.error or ''}"
+        return f"training job {job.id} for the built-in model is {job.status}"
 
     def warmup_sizes(self) -> tuple[int, ...]:
         return tuple(
@@ -67,6 +89,27 @@ class AppState:
         self.metrics.set_model(loaded.version, d["device"], d["precision"], loaded.compiled)
         self.status, self.status_detail = "ready", loaded.version
 
+    async def activate(self, version: str) -> tuple[LoadedModel, LoadedModel | None]:
+        """Load, validate and warm `version`, then swap it in between batches and persist
+        ACTIVE. One activation at a time; requests already batched finish on the model they
+        were preprocessed for. Raises CheckpointError for a version that does not load."""
+        async with self.activation_lock:
+            loaded = await asyncio.to_thread(self.load, version)
+            previous = self.registry.current
+            self.serve(loaded)
+        log.info("activated %s (was %s)", version, previous.version if previous else None)
+        return loaded, previous
+
+    async def on_job_success(self, job: Job) -> None:
+        """A job registered a version: activate it as its `activate` policy says."""
+        assert self.jobs is not None and job.result_version
+        card = read_card(self.registry.stored_version_dir(job.result_version))
+        current = self.registry.current
+        yes, why = should_activate(job.activate, card, current.card if current else None)
+        if yes:
+            await self.activate(card.version)
+        self.jobs.update(job.id, activated=yes, activation=why)
+
     async def load_initial(self) -> bool:
         """Serve ACTIVE, or the newest other good version if ACTIVE is broken."""
         self.status = "loading"
@@ -82,6 +125,25 @@ class AppState:
             return True
         self.status = "no_model"
         return False
+
+
+def should_activate(policy: str, new: ModelCard, current: ModelCard | None) -> tuple[bool, str]:
+    """(activate?, why) for a finished job's version under `policy`."""
+    if current is None:
+        return True, "activated: no version was being served"
+    if policy == "always":
+        return True, "activated: activate=always"
+    if policy == "never":
+        return False, "not activated: activate=never"
+    if new.labels != current.labels:
+        return False, (f"not activated: its labels differ from the served version "
+                       f"{current.version}'s; activate it explicitly")  # fmt: skip
+    new_top1 = float(new.metrics.get("val_top1", 0.0))
+    cur_top1 = float(current.metrics.get("val_top1", 0.0))
+    if new_top1 > cur_top1:
+        return True, f"activated: val_top1 {new_top1:.4f} > {cur_top1:.4f} ({current.version})"
+    return False, (f"not activated: val_top1 {new_top1:.4f} <= {cur_top1:.4f} of the served "
+                   f"version {current.version}")  # fmt: skip
 
 
 def build_state(settings: Settings) -> AppState:
@@ -112,7 +174,14 @@ def build_state(settings: Settings) -> AppState:
         DecodeLimits(max_pixels=settings.max_image_pixels, max_side=settings.max_image_side),
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode"),
     )
-    return AppState(settings, registry, metrics, placement, batcher, decoder)
+    state = AppState(settings, registry, metrics, placement, batcher, decoder)
+    state.jobs = JobStore(settings.db_path)
+    state.runner = JobRunner(
+        state.jobs, settings.jobs_dir, settings.home,
+        threads=settings.effective_job_threads, nice=settings.job_nice,
+        on_success=state.on_job_success, stop_timeout_s=settings.shutdown_timeout_s,
+    )  # fmt: skip
+    return state
 
 
 def get_state(request: Request) -> AppState:

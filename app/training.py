@@ -15,6 +15,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
+from app.jobs import set_parent_death_signal
 from app.settings import Settings
 from model.config import TrainConfig
 from model.trainer import STATE_FILE, DistContext, Event, Trainer, TrainingInterrupted
@@ -155,6 +156,7 @@ def _dist_context() -> DistContext | None:
 def run_train(args: argparse.Namespace, argv: Sequence[str], s: Settings) -> int:
     from model.checkpoint import CheckpointError, read_active, resolve_version_dir, write_active
 
+    set_parent_death_signal()  # a job's child must not outlive the service
     given = _given(args)
     resume_run: Path | None = None
     init_from: Path | None = None
@@ -231,7 +233,7 @@ def run_train(args: argparse.Namespace, argv: Sequence[str], s: Settings) -> int
     if not trainer.dist.is_main:
         return 0
     card = result.card
-    activated = args.activate or read_active(s.models_dir) is None
+    activated = not args.keep_active and (args.activate or read_active(s.models_dir) is None)
     if activated:
         write_active(s.models_dir, card.version)
     m = card.metrics

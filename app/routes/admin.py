@@ -1,0 +1,204 @@
+"""/admin: training jobs and activation. Every route needs the bearer token."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Query
+from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app.errors import (
+    AdminDisabled,
+    Conflict,
+    NotFound,
+    Overloaded,
+    Unauthorized,
+    ValidationFailed,
+    responses,
+)
+from app.jobs import LOG_FILE, PLOT_FILE, RESUMABLE, Job, JobRequest
+from app.schemas import ActivateResponse, JobList, JobOut
+from app.state import AppState, StateDep
+from model.checkpoint import CheckpointError
+from model.data import DatasetError, resolve_dataset_dir, scan_imagefolder
+
+bearer = HTTPBearer(
+    auto_error=False,
+    description="The value of ALEXNET_ADMIN_TOKEN (admin routes answer 503 admin_disabled "
+    "while it is unset)",
+)
+
+
+async def require_admin(
+    state: StateDep,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> None:
+    token = state.settings.admin_token
+    if token is None or not token.get_secret_value():
+        raise AdminDisabled("the admin API is disabled: set ALEXNET_ADMIN_TOKEN to enable it")
+    given = creds.credentials if creds is not None else ""
+    # Constant time: the comparison does not leak how much of the token matched.
+    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+        raise Unauthorized("missing or wrong bearer token")
+
+
+router = APIRouter(
+    prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)],
+    responses=responses(401, 503),
+)  # fmt: skip
+
+JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{12}$", examples=["3f2a9c1b7d4e"])]
+
+
+def _job_or_404(state: AppState, job_id: str) -> Job:
+    assert state.jobs is not None
+    job = state.jobs.get(job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}")
+    return job
+
+
+def _out(job: Job) -> JobOut:
+    return JobOut.model_validate(job.public())
+
+
+def check_dataset(state: AppState, dataset: str) -> None:
+    """An imagefolder must exist under the data dir now, not fail minutes later."""
+    if not dataset.startswith("imagefolder:"):
+        return
+    try:
+        path = resolve_dataset_dir(state.settings.data_dir, dataset.split(":", 1)[1])
+        if path.is_dir():
+            # Class folders only: reading every image here would block the server.
+            labels = [d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")]
+            if len(labels) < 2:
+                scan_imagefolder(path)  # raises with the one-class message
+        else:
+            scan_imagefolder(path)  # raises with the "does not exist" message
+    except DatasetError as exc:
+        raise ValidationFailed(
+            f"dataset: {exc}", details=[{"loc": ["body", "dataset"], "msg": str(exc)}]
+        ) from exc
+
+
+@router.post(
+    "/jobs", status_code=202, response_model=JobOut,
+    summary="Start a training job (the `alexnet train` options, snake_case)",
+    responses=responses(422, 429),
+)  # fmt: skip
+async def create_job(req: JobRequest, state: StateDep) -> JobOut:
+    assert state.jobs is not None and state.runner is not None
+    check_dataset(state, req.dataset)
+    queued = state.jobs.count("queued")
+    if queued >= state.settings.max_queued_jobs:
+        raise Overloaded(f"{queued} jobs are already queued; retry when one has started",
+                         retry_after_s=60)  # fmt: skip
+    job = state.jobs.create(req)
+    state.runner.wake()
+    return _out(job)
+
+
+@router.get("/jobs", response_model=JobList, summary="Jobs, newest first")
+async def list_jobs(state: StateDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JobList:
+    assert state.jobs is not None
+    return JobList(jobs=[_out(j) for j in state.jobs.list(limit=limit)])
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, summary="One job: status, progress, "
+            "per-epoch history, result", responses=responses(404))  # fmt: skip
+async def get_job(job_id: JobId, state: StateDep) -> JobOut:
+    return _out(_job_or_404(state, job_id))
+
+
+@router.get(
+    "/jobs/{job_id}/losses.png", summary="Training and validation loss curves",
+    response_class=FileResponse,
+    responses={**responses(404), 200: {"content": {"image/png": {}}}},
+)  # fmt: skip
+async def job_losses(job_id: JobId, state: StateDep) -> FileResponse:
+    _job_or_404(state, job_id)
+    assert state.runner is not None
+    path = state.runner.run_dir(job_id) / PLOT_FILE
+    if not path.is_file():
+        raise NotFound(f"job {job_id} has no loss plot yet: it appears after the first epoch")
+    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+
+@router.get(
+    "/jobs/{job_id}/log", summary="The end of the training process's output",
+    response_class=PlainTextResponse, responses=responses(404),
+)  # fmt: skip
+async def job_log(
+    job_id: JobId, state: StateDep,
+    tail: Annotated[int, Query(ge=1, le=1_000_000, description="bytes from the end")] = 65536,
+) -> PlainTextResponse:  # fmt: skip
+    _job_or_404(state, job_id)
+    assert state.runner is not None
+    path = state.runner.run_dir(job_id) / LOG_FILE
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, 2)
+            f.seek(max(0, size - tail))
+            data = f.read()
+    except FileNotFoundError:
+        data = b""
+    return PlainTextResponse(data.decode(errors="replace"))
+
+
+@router.delete("/jobs/{job_id}", response_model=JobOut, summary="Cancel a job",
+               description="A queued job is cancelled at once. A running one finishes its "
+               "step, saves its state (resumable) and is cancelled when its process exits.",
+               responses=responses(404, 409))  # fmt: skip
+async def cancel_job(job_id: JobId, state: StateDep) -> JobOut:
+    assert state.runner is not None
+    job = _job_or_404(state, job_id)
+    if job.status in ("succeeded", "failed"):
+        raise Conflict(f"job {job_id} is {job.status}; only queued or running jobs cancel")
+    if job.status == "interrupted":
+        assert state.jobs is not None
+        state.jobs.update(job_id, expect=("interrupted",), status="cancelled")
+    else:
+        state.runner.cancel(job_id)
+    return _out(_job_or_404(state, job_id))
+
+
+@router.post("/jobs/{job_id}/resume", status_code=202, response_model=JobOut,
+             summary="Continue an interrupted or cancelled job from its last saved state",
+             responses=responses(404, 409, 429))  # fmt: skip
+async def resume_job(job_id: JobId, state: StateDep) -> JobOut:
+    assert state.runner is not None and state.jobs is not None
+    job = _job_or_404(state, job_id)
+    if job.status not in RESUMABLE:
+        raise Conflict(f"job {job_id} is {job.status}; only interrupted or cancelled jobs resume")
+    if state.jobs.count("queued") >= state.settings.max_queued_jobs:
+        raise Overloaded("the job queue is full; retry when one has started", retry_after_s=60)
+    if not state.runner.requeue(job_id):
+        raise Conflict(f"job {job_id} changed state; fetch it and retry")
+    return _out(_job_or_404(state, job_id))
+
+
+@router.post(
+    "/models/{version}/activate", response_model=ActivateResponse,
+    summary="Validate, load and warm a version, then swap it in with no failed request",
+    description="Requests already batched finish on the previous version; every later batch "
+    "uses the new one. ACTIVE is replaced atomically. Roll back by activating the previous "
+    "version.",
+    responses=responses(404, 409, 422),
+)  # fmt: skip
+async def activate_version(
+    version: Annotated[str, Path(examples=["20261127-031500-ab12"])], state: StateDep
+) -> ActivateResponse:
+    try:
+        state.registry.stored_version_dir(version)
+    except CheckpointError as exc:
+        raise NotFound(f"no model version {version!r}") from exc
+    try:
+        loaded, previous = await state.activate(version)
+    except CheckpointError as exc:
+        raise ValidationFailed(f"version {version} does not load: {exc}") from exc
+    info: dict[str, Any] = loaded.info()
+    return ActivateResponse(
+        active=loaded.version, previous=previous.version if previous else None, model=info
+    )

@@ -1,0 +1,243 @@
+"""Admin training jobs end to end: a real server, real `alexnet train` children, real kills.
+
+Each job is a small synthetic run (a few seconds of training at 64 px) so the suite stays
+short; what is checked is the plumbing: progress, results, activation, cancel, crash,
+restart, resume, queueing, and a hot swap under load with zero failed requests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from model.checkpoint import read_active
+from tests.conftest import make_version
+from tests.e2e.server import Server
+
+pytestmark = pytest.mark.e2e
+
+TOKEN = "e2e-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SMALL = {"dataset": "synthetic:160", "image_size": 64, "batch_size": 16, "epochs": 2,
+         "dropout": 0.0, "workers": 0, "activate": "always"}  # fmt: skip
+# Long enough to be caught running (and cancelled, killed or interrupted) mid-epoch.
+LONG = {**SMALL, "dataset": "synthetic:4000", "epochs": 3}
+
+
+@pytest.fixture
+def server(home: Path) -> Iterator[Server]:
+    make_version(home / "models", activate=True, metrics={"val_top1": 0.1})
+    with Server(home, ALEXNET_ADMIN_TOKEN=TOKEN, ALEXNET_JOB_THREADS="1") as srv:
+        yield srv
+
+
+def api(srv: Server, method: str, path: str, **kw: Any) -> httpx.Response:
+    return httpx.request(method, srv.url + path, headers=AUTH, timeout=30, **kw)
+
+
+def wait_job(srv: Server, job_id: str, until: Callable[[dict[str, Any]], bool],
+             timeout_s: float = 180) -> dict[str, Any]:  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = api(srv, "GET", f"/admin/jobs/{job_id}").json()
+        if until(job):
+            return job
+        time.sleep(0.1)
+    log = api(srv, "GET", f"/admin/jobs/{job_id}/log").text[-3000:]
+    raise AssertionError(f"job {job_id} never got there: {job}\n{log}")
+
+
+def mid_epoch(job: dict[str, Any]) -> bool:
+    return job["status"] == "running" and job["progress"]["step"] >= 1
+
+
+def finished(job: dict[str, Any]) -> bool:
+    return job["status"] in ("succeeded", "failed", "cancelled", "interrupted")
+
+
+def training_pids(run_dir: Path) -> list[int]:
+    """Processes whose command line names this job's folder (the child, its workers)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(run_dir).encode() in cmd:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def classify(srv: Server, photo: Path) -> httpx.Response:
+    return httpx.post(srv.url + "/v1/classify", files={"file": (photo.name, photo.read_bytes())},
+                      timeout=30)  # fmt: skip
+
+
+def test_job_runs_registers_and_activates(server: Server, jpeg_photos: list[Path]) -> None:
+    before = read_active(server.home / "models")
+    r = api(server, "POST", "/admin/jobs", json=SMALL)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["status"] == "queued" and job["config"]["dataset"] == "synthetic:160"
+    seen: Counter[str] = Counter()
+
+    def watch(j: dict[str, Any]) -> bool:
+        seen[j["status"]] += 1
+        if j["status"] == "running" and j["progress"]["step"]:
+            seen["progress"] += 1
+        return finished(j)
+
+    done = wait_job(server, job["id"], watch)
+    assert done["status"] == "succeeded", done
+    assert seen["running"] and seen["progress"], seen  # progress was visible while it ran
+    assert [h["epoch"] for h in done["history"]] == [1, 2]
+    assert {"train_loss", "val_loss", "val_top1", "val_top5", "lr"} <= set(done["history"][0])
+    assert done["progress"]["epochs"] == 2 and done["progress"]["images_per_s"] > 0
+    version = done["result_version"]
+    assert done["activated"] and "always" in done["activation"]
+    assert read_active(server.home / "models") == version != before
+    card = httpx.get(server.url + "/v1/models/active").json()
+    assert card["version"] == version and card["parent"] == before
+    assert card["dataset"] == "synthetic:160" and card["image_size"] == 64
+    assert classify(server, jpeg_photos[0]).json()["model"]["version"] == version
+    png = api(server, "GET", f"/admin/jobs/{job['id']}/losses.png")
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+    assert "saved version" in api(server, "GET", f"/admin/jobs/{job['id']}/log").text
+    assert (server.home / "jobs" / job["id"] / "events.jsonl").is_file()
+
+
+def test_queue_cancel_queued_and_running_then_resume(server: Server) -> None:
+    first = api(server, "POST", "/admin/jobs", json=LONG).json()
+    second = api(server, "POST", "/admin/jobs", json=SMALL).json()
+    wait_job(server, first["id"], mid_epoch)
+    # One runs at a time: the second waits.
+    assert api(server, "GET", f"/admin/jobs/{second['id']}").json()["status"] == "queued"
+    gone = api(server, "DELETE", f"/admin/jobs/{second['id']}")
+    assert gone.status_code == 200 and gone.json()["status"] == "cancelled"
+
+    api(server, "DELETE", f"/admin/jobs/{first['id']}")
+    cancelled = wait_job(server, first["id"], finished)
+    assert cancelled["status"] == "cancelled", cancelled
+    run_dir = server.home / "jobs" / first["id"]
+    assert (run_dir / "state.safetensors").is_file()
+    assert not list(run_dir.glob("*.tmp*"))  # no half-written file
+    assert training_pids(run_dir) == []
+    # The cancelled queued job never ran.
+    assert api(server, "GET", f"/admin/jobs/{second['id']}").json()["attempts"] == 0
+
+    r = api(server, "POST", f"/admin/jobs/{first['id']}/resume")
+    assert r.status_code == 202 and r.json()["status"] == "queued"
+    resumed = wait_job(server, first["id"], lambda j: j["attempts"] == 2 and mid_epoch(j))
+    assert resumed["progress"]["epoch"] == cancelled["progress"]["epoch"]  # same epoch, not 1
+    api(server, "DELETE", f"/admin/jobs/{first['id']}")
+    assert wait_job(server, first["id"], finished)["status"] == "cancelled"
+
+
+def test_killed_child_fails_the_job_not_the_service(
+    server: Server, jpeg_photos: list[Path]
+) -> None:
+    job = api(server, "POST", "/admin/jobs", json=LONG).json()
+    wait_job(server, job["id"], mid_epoch)
+    run_dir = server.home / "jobs" / job["id"]
+    pids = training_pids(run_dir)
+    assert pids
+    os.kill(pids[0], signal.SIGKILL)  # the `alexnet train` child itself
+    failed = wait_job(server, job["id"], finished)
+    assert failed["status"] == "failed" and "SIGKILL" in failed["error"], failed
+    assert classify(server, jpeg_photos[0]).status_code == 200
+    assert httpx.get(server.url + "/readyz").status_code == 200
+    # The runner goes on with the next job.
+    nxt = api(server, "POST", "/admin/jobs", json={**SMALL, "activate": "never"}).json()
+    done = wait_job(server, nxt["id"], finished)
+    assert done["status"] == "succeeded" and not done["activated"]
+    assert "never" in done["activation"]
+
+
+def test_restart_mid_job_interrupts_then_resume_finishes(home: Path) -> None:
+    make_version(home / "models", activate=True, metrics={"val_top1": 0.1})
+    env = {"ALEXNET_ADMIN_TOKEN": TOKEN, "ALEXNET_JOB_THREADS": "1"}
+    spec = {**SMALL, "dataset": "synthetic:1200", "epochs": 2}
+    srv = Server(home, **env).start()
+    try:
+        job = api(srv, "POST", "/admin/jobs", json=spec).json()
+        run_dir = home / "jobs" / job["id"]
+        wait_job(srv, job["id"], mid_epoch)
+        # A graceful stop: the child saves its state, the job is interrupted.
+        # (uvicorn re-raises the SIGTERM it handled once shutdown is complete)
+        assert srv.terminate(timeout_s=30) in (0, -signal.SIGTERM)
+        assert training_pids(run_dir) == []
+    finally:
+        srv.__exit__(None, None, None)
+    srv = Server(home, **env).start()
+    try:
+        stopped = api(srv, "GET", f"/admin/jobs/{job['id']}").json()
+        assert stopped["status"] == "interrupted" and "resume" in stopped["error"], stopped
+        assert api(srv, "POST", f"/admin/jobs/{job['id']}/resume").status_code == 202
+        wait_job(srv, job["id"], lambda j: j["attempts"] == 2 and mid_epoch(j))
+        # Now a crash: SIGKILL the server. The child is told by the kernel, saves, exits.
+        assert srv.proc is not None
+        srv.proc.kill()
+        srv.proc.wait(10)
+        deadline = time.monotonic() + 60
+        while training_pids(run_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert training_pids(run_dir) == []  # no orphan kept training
+    finally:
+        srv.__exit__(None, None, None)
+    srv = Server(home, **env).start()
+    try:
+        crashed = api(srv, "GET", f"/admin/jobs/{job['id']}").json()
+        assert crashed["status"] == "interrupted", crashed
+        assert api(srv, "POST", f"/admin/jobs/{job['id']}/resume").status_code == 202
+        done = wait_job(srv, job["id"], finished)
+        assert done["status"] == "succeeded" and done["attempts"] == 3, done
+        assert [h["epoch"] for h in done["history"]] == [1, 2]
+        assert read_active(home / "models") == done["result_version"]
+    finally:
+        srv.__exit__(None, None, None)
+
+
+def test_hot_swap_under_load_fails_no_request(server: Server, jpeg_photos: list[Path]) -> None:
+    models = server.home / "models"
+    a = read_active(models)
+    b = make_version(models, seed=11).version
+    results: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def hammer(photo: Path) -> None:
+        with httpx.Client(timeout=30) as c:
+            while not stop.is_set():
+                r = c.post(server.url + "/v1/classify",
+                           files={"file": (photo.name, photo.read_bytes())})  # fmt: skip
+                version = r.json().get("model", {}).get("version") if r.status_code == 200 else None
+                results.append((r.status_code, version))
+
+    threads = [threading.Thread(target=hammer, args=(p,)) for p in jpeg_photos[:4]]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        for target in (b, a, b):
+            r = api(server, "POST", f"/admin/models/{target}/activate")
+            assert r.status_code == 200, r.text
+            n = len(results)
+            time.sleep(0.7)
+            assert {v for _, v in results[n + 8:]} <= {target}  # later batches: the new one
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    codes = Counter(code for code, _ in results)
+    assert codes == Counter({200: len(results)}), codes
+    assert {v for _, v in results} == {a, b}
+    assert read_active(models) == b
