@@ -6,7 +6,9 @@ them, which each test cancels. Whole training runs are in tests/e2e/test_jobs.py
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -25,7 +27,7 @@ TINY = {"dataset": "synthetic:100", "image_size": 64, "batch_size": 32, "epochs"
 
 
 @pytest.fixture(scope="module")
-def admin(tmp_path_factory: pytest.TempPathFactory) -> TestClient:
+def admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     home = tmp_path_factory.mktemp("home")
     make_version(home / "models", activate=True, metrics={"val_top1": 0.5})
     (home / "data" / "flowers" / "rose").mkdir(parents=True)
@@ -190,7 +192,7 @@ def test_activation_policy(tmp_path: Path) -> None:
 def test_store_survives_reopen_and_replays_events(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "alexnet.db")
     job = store.create(JobRequest.model_validate({**TINY, "epochs": 3}))
-    events = [
+    events: list[dict[str, Any]] = [
         {"type": "start", "epochs": 3, "steps_per_epoch": 4},
         {"type": "step", "epoch": 1, "epochs": 3, "step": 2, "steps": 4, "loss": 2.0,
          "images_per_s": 50.0, "eta_s": 9.0},

@@ -62,3 +62,46 @@ def test_upload_page_shows_top5_bars_and_errors(
         assert requests_outside == []  # no CDN, works offline
         page.screenshot(path=str(tmp_path / "upload-page.png"), full_page=True)
         page.close()
+
+
+def test_admin_section_trains_and_activates(tmp_path: Path, browser: object) -> None:
+    home = tmp_path / "home"
+    old = make_version(home / "models", activate=True, metrics={"val_top1": 0.1})
+    token = "browser-admin-token"
+    with Server(home, ALEXNET_ADMIN_TOKEN=token, ALEXNET_JOB_THREADS="1") as srv:
+        page = browser.new_page()  # type: ignore[attr-defined]
+        page.goto(srv.url + "/")
+        # A wrong token is refused in the page, in the API's words.
+        page.fill("#token", "wrong")
+        page.click("#token-form button")
+        page.wait_for_selector("#admin-msg.error >> text=unauthorized")
+        assert page.is_hidden("#admin-body")
+        page.fill("#token", token)
+        page.click("#token-form button")
+        page.wait_for_selector(f"#versions tr[data-version='{old.version}'] >> text=serving")
+        for name, value in {"dataset": "synthetic:160", "epochs": "2", "image_size": "64",
+                            "batch_size": "16"}.items():  # fmt: skip
+            page.fill(f"#job-form [name={name}]", value)
+        page.select_option("#job-form [name=activate]", "always")
+        page.click("#job-form button")
+        page.wait_for_selector("#admin-msg >> text=queued")
+        # Live progress while it runs, then the result, its loss plot and the new version.
+        page.wait_for_selector("#jobs tr[data-status=running] progress", timeout=60_000)
+        page.wait_for_selector("#jobs tr[data-status=succeeded]", timeout=120_000)
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#jobs img.losses')].some(i => i.naturalWidth > 0)",
+            timeout=15_000,
+        )
+        job_row = page.query_selector("#jobs tr[data-status=succeeded]")
+        assert job_row is not None and "activated" in job_row.inner_text()
+        new_version = page.eval_on_selector(
+            "#versions tbody tr:first-child", "tr => tr.dataset.version"
+        )
+        assert new_version != old.version
+        page.wait_for_selector(f"#versions tr[data-version='{new_version}'] >> text=serving")
+        # Roll back with the button; the header follows the served version.
+        page.click(f"#versions tr[data-version='{old.version}'] button.activate")
+        page.wait_for_selector(f"#versions tr[data-version='{old.version}'] >> text=serving")
+        page.wait_for_selector(f"text=model {old.version}")
+        page.screenshot(path=str(tmp_path / "admin-section.png"), full_page=True)
+        page.close()

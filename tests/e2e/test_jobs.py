@@ -56,7 +56,7 @@ def wait_job(srv: Server, job_id: str, until: Callable[[dict[str, Any]], bool],
 
 
 def mid_epoch(job: dict[str, Any]) -> bool:
-    return job["status"] == "running" and job["progress"]["step"] >= 1
+    return bool(job["status"] == "running" and job["progress"]["step"] >= 1)
 
 
 def finished(job: dict[str, Any]) -> bool:
@@ -232,7 +232,7 @@ def test_hot_swap_under_load_fails_no_request(server: Server, jpeg_photos: list[
             assert r.status_code == 200, r.text
             n = len(results)
             time.sleep(0.7)
-            assert {v for _, v in results[n + 8:]} <= {target}  # later batches: the new one
+            assert {v for _, v in results[n + 8 :]} <= {target}  # later batches: the new one
     finally:
         stop.set()
         for t in threads:
