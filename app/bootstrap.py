@@ -19,11 +19,12 @@ log = logging.getLogger(__name__)
 
 DOWNLOAD_TIMEOUT_S = 120.0
 
-# The embedded default's recipe: small images, no dropout (it only slows learning on this
-# little data), a batch small enough for many steps per minute on a CPU.
+# The embedded default's recipe. 128 px rather than 64: the conv stack keeps a 3x3 map
+# instead of 1x1 and learns the shapes in fewer steps (measured on a 2-core CPU: 91% val
+# top-1 after 4 epochs, ~4.6 min; 64 px: 68%). No dropout: it only slows learning on this
+# little data. Batch 32: many steps per minute on a CPU.
 BOOTSTRAP_RECIPE: Final = JobRequest(
-    dataset="synthetic", image_size=64, batch_size=32, dropout=0.0, epochs=12, patience=5,
-    activate="always",
+    dataset="synthetic", image_size=128, batch_size=32, dropout=0.0, epochs=4, activate="always",
 )  # fmt: skip
 
 
@@ -53,7 +54,11 @@ def start_synthetic_job(state: AppState) -> Job:
             log.info("resuming the bootstrap job %s", job.id)
             state.runner.requeue(job.id)
         return job
-    job = state.jobs.create(BOOTSTRAP_RECIPE, source="bootstrap")
+    s = state.settings
+    recipe = JobRequest.model_validate({
+        **BOOTSTRAP_RECIPE.model_dump(), "dataset": s.bootstrap_dataset,
+        "epochs": s.bootstrap_epochs or BOOTSTRAP_RECIPE.epochs})  # fmt: skip
+    job = state.jobs.create(recipe, source="bootstrap")
     state.runner.wake()
     log.info("no model: training the built-in synthetic model as job %s", job.id)
     return job

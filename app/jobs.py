@@ -470,7 +470,8 @@ class JobRunner:
                 self.current, self._proc = None, None
 
     def _child_env(self, job: Job) -> dict[str, str]:
-        env = dict(os.environ)
+        # The child needs no secrets: it trains and writes files, nothing else.
+        env = {k: v for k, v in os.environ.items() if k != "ALEXNET_ADMIN_TOKEN"}
         env["ALEXNET_HOME"] = str(self.home)
         # The bootstrap job runs while nothing is served yet: it may use every core.
         n = str(os.cpu_count() or 1) if job.source == "bootstrap" else str(self.threads)

@@ -79,6 +79,27 @@ async def _startup(state: AppState) -> None:
         state.status, state.status_detail = "no_model", "startup failed; see the log"
 
 
+async def _watch_active(state: AppState) -> None:
+    """Serve whatever ACTIVE names, when another process (a replica running jobs, or
+    `alexnet models activate`) changes it."""
+    failed: str | None = None
+    while True:
+        await asyncio.sleep(state.settings.watch_active_s)
+        try:
+            active = state.registry.active_version()
+            serving = state.registry.current.version if state.registry.current else None
+            if active is None or active in (serving, failed):
+                continue
+            log.info("ACTIVE changed to %s: activating it", active)
+            await state.activate(active)
+            failed = None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("cannot serve ACTIVE version %s: %s", active, exc)
+            failed = active
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -92,8 +113,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.alexnet = state
         state.batcher.start()
         assert state.runner is not None and state.jobs is not None
-        state.runner.start()
+        if settings.run_jobs:
+            state.runner.start()
         state.tasks.append(asyncio.create_task(_startup(state), name="startup"))
+        if settings.watch_active_s > 0:
+            state.tasks.append(asyncio.create_task(_watch_active(state), name="watch-active"))
         try:
             yield
         finally:

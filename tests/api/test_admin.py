@@ -14,11 +14,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.jobs import JobRequest, JobStore, apply_event, train_argv
+from app.settings import Settings
 from app.state import AppState, should_activate
-from model.checkpoint import read_active, read_card
+from model.checkpoint import read_active, read_card, write_active
 from tests.api.conftest import make_client, wait_ready
 from tests.api.test_classify import assert_error
-from tests.conftest import make_version
+from tests.conftest import REPO, make_version
 
 TOKEN = "s3cret-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -226,3 +227,26 @@ def test_train_argv_is_the_cli(tmp_path: Path) -> None:
     job.resume = True
     assert "--resume" in train_argv(job, tmp_path / "run")
     assert "--dataset" not in train_argv(job, tmp_path / "run")
+
+
+def test_replicas_follow_active_on_disk(tmp_path: Path) -> None:
+    """A replica that runs no jobs serves what another process activates."""
+    first = make_version(tmp_path / "models", activate=True)
+    with make_client(tmp_path, run_jobs=False, watch_active_s=0.1) as client:
+        wait_ready(client)
+        state = state_of(client)
+        assert state.runner is not None and state.runner._task is None  # no runner here
+        second = make_version(tmp_path / "models", seed=9)
+        write_active(tmp_path / "models", second.version)  # e.g. the replica running jobs
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if client.get("/v1/models").json()["serving"] == second.version:
+                break
+            time.sleep(0.05)
+        assert client.get("/v1/models").json()["serving"] == second.version != first.version
+
+
+def test_env_example_documents_every_setting() -> None:
+    text = (REPO / ".env.example").read_text()
+    for name in Settings.model_fields:
+        assert f"ALEXNET_{name.upper()}=" in text, name
