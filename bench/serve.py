@@ -11,22 +11,20 @@ time from start to ready with and without torch.compile.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import jpeg_photos, machine, table
+from bench.launch import Server
 from model.checkpoint import (
     load_version,
     save_version,
@@ -39,7 +37,6 @@ from model.network import build_model
 from model.pretrained import IMAGENET_PRE
 from model.transforms import EvalTransform
 
-REPO = Path(__file__).resolve().parent.parent
 LUA = """
 local files = {%s}
 local bodies = {}
@@ -58,12 +55,6 @@ end
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS"):
@@ -72,22 +63,11 @@ def rss_mb(pid: int) -> float:
 
 
 def start(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str, float]:
-    port = free_port()
-    full = {**os.environ, "ALEXNET_HOME": str(home), "ALEXNET_PORT": str(port),
-            "ALEXNET_BOOTSTRAP": "none", "ALEXNET_LOG_LEVEL": "warning", **env}  # fmt: skip
+    """A real server, ready: (process, url, seconds from spawn to /readyz 200)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=REPO, env=full,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    while True:
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return proc, url, time.perf_counter() - t0
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit("server died")
-        time.sleep(0.05)
+    srv = Server(home, **env).start(timeout_s=600)
+    assert srv.proc is not None
+    return srv.proc, srv.url, time.perf_counter() - t0
 
 
 def wrk(url: str, script: Path, conc: int, seconds: int) -> dict[str, float]:

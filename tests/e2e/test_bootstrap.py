@@ -25,7 +25,7 @@ def test_offline_first_start_trains_the_builtin_model(
         "ALEXNET_ADMIN_TOKEN": TOKEN,
         # A smaller recipe than the default, to keep the suite short.
         "ALEXNET_BOOTSTRAP_DATASET": "synthetic:300",
-        "ALEXNET_BOOTSTRAP_EPOCHS": "2",
+        "ALEXNET_BOOTSTRAP_EPOCHS": "1",
         # Offline, for real: no cached weights, and every download is refused at once.
         "TORCH_HOME": str(tmp_path / "torch-home"),
         "HTTPS_PROXY": "http://127.0.0.1:9",
