@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from importlib import resources
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
 from PIL import Image
 
@@ -163,5 +164,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return 1024 * 1024  # JSON bodies (admin)
 
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
+    if settings.cors_origins:
+        # Off by default. Browsers may send the admin token only to listed origins: with
+        # "*" no credentials are allowed at all.
+        wildcard = "*" in settings.cors_origins
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=["*"] if wildcard else settings.cors_origins,
+            allow_credentials=not wildcard,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+            max_age=600,
+        )
     app.add_middleware(MetricsMiddleware)
     return app

@@ -141,3 +141,20 @@ def test_bootstrap_imagenet_imports_torchvisions_cached_weights(
         assert active["num_classes"] == 1000 and active["labels"][0] == "tench"
         assert active["source"] == "torchvision"
         assert (home / "models" / "ACTIVE").read_text().strip() == active["version"]
+
+
+def test_cors_is_off_by_default_and_never_credentialed_with_a_wildcard(tmp_path: Path) -> None:
+    origin = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    with make_client(tmp_path) as client:
+        r = client.options("/v1/classify", headers=origin)
+        assert "access-control-allow-origin" not in r.headers
+    with make_client(tmp_path, cors_origins=["https://app.example"]) as client:
+        ok = client.options("/v1/classify", headers={**origin, "Origin": "https://app.example"})
+        assert ok.headers["access-control-allow-origin"] == "https://app.example"
+        assert ok.headers["access-control-allow-credentials"] == "true"
+        bad = client.options("/v1/classify", headers=origin)
+        assert "access-control-allow-origin" not in bad.headers
+    with make_client(tmp_path, cors_origins=["*"]) as client:
+        r = client.get("/healthz", headers={"Origin": "https://any.example"})
+        assert r.headers["access-control-allow-origin"] == "*"
+        assert "access-control-allow-credentials" not in r.headers
