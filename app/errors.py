@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from model.images import ImageError, ImageTooLarge, UnsupportedImageFormat
 
@@ -189,6 +190,16 @@ def error_response(exc: AppError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
 
+def _allowed_methods(request: Request) -> set[str]:
+    """The methods the OpenAPI schema documents for this request's path."""
+    path = request.scope.get("path", "")
+    for template, operations in request.app.openapi()["paths"].items():
+        regex, _, _ = compile_path(template)
+        if regex.match(path):
+            return {m.upper() for m in operations}
+    return set()
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(_: Request, exc: AppError) -> JSONResponse:
@@ -205,12 +216,19 @@ def install_handlers(app: FastAPI) -> None:
         return error_response(ValidationFailed(f"{where}: {first['msg']}", details=errors))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         err: AppError
         if exc.status_code == 404:
             err = NotFound("no such route")
         elif exc.status_code == 405:
             err = MethodNotAllowed("method not allowed on this route")
+            # RFC 9110: list every method the path accepts (Starlette names only the first
+            # route that matched the path; GET and POST /admin/jobs are two routes).
+            allowed = _allowed_methods(request)
+            if allowed:
+                resp = error_response(err)
+                resp.headers["Allow"] = ", ".join(sorted(allowed))
+                return resp
         elif exc.status_code == 413:
             err = PayloadTooLarge(str(exc.detail))
         elif exc.status_code == 400:

@@ -10,13 +10,15 @@ import warnings
 from collections.abc import AsyncIterator
 from importlib import resources
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
+from fastapi.routing import APIRoute
 from PIL import Image
 
 from app.bootstrap import bootstrap
-from app.errors import install_handlers
+from app.errors import ValidationFailed, install_handlers
 from app.intake import (
     MULTIPART_OVERHEAD,
     ASGIApp,
@@ -101,6 +103,31 @@ async def _watch_active(state: AppState) -> None:
             failed = active
 
 
+def _query_names(dep: Dependant) -> set[str]:
+    names = {p.alias for p in dep.query_params}
+    for sub in dep.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+async def reject_unknown_query(request: Request) -> None:
+    """422 for query parameters a route does not declare: `?topk=3` is a typo to report,
+    not a request to answer with the default top 5."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute) or not route.include_in_schema:
+        return
+    declared = _query_names(route.dependant)
+    unknown = sorted(set(request.query_params) - declared)
+    if unknown:
+        raise ValidationFailed(
+            f"unknown query parameter(s): {', '.join(unknown)}"
+            + (f" (accepted: {', '.join(sorted(declared))})" if declared else ""),
+            details=[
+                {"loc": ["query", u], "msg": "not a parameter of this route"} for u in unknown
+            ],
+        )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -134,6 +161,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        dependencies=[Depends(reject_unknown_query)],
         openapi_tags=[
             {"name": "classify", "description": "Upload images, get top-k classes"},
             {"name": "models", "description": "Model versions and the served one"},

@@ -20,7 +20,8 @@ DATASET_RE: Final = re.compile(
 class TrainConfig(BaseModel):
     """Everything that determines a training run (and so is stored with it)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no silent coercions (`"workers": false` is not 0, `"epochs": "5"` not 5)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     dataset: str = Field(
         description="cifar10, synthetic (synthetic:N for N images), or imagefolder:NAME "

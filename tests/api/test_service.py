@@ -158,3 +158,17 @@ def test_cors_is_off_by_default_and_never_credentialed_with_a_wildcard(tmp_path:
         r = client.get("/healthz", headers={"Origin": "https://any.example"})
         assert r.headers["access-control-allow-origin"] == "*"
         assert "access-control-allow-credentials" not in r.headers
+
+
+def test_unknown_query_parameters_are_named_not_ignored(client: TestClient) -> None:
+    r = client.post("/v1/classify?topk=3", files={"file": ("a.png", b"x")})
+    assert_error(r, 422, "validation_error")
+    assert "topk" in r.json()["error"]["message"] and "top_k" in r.json()["error"]["message"]
+    assert client.get("/?utm_source=x").status_code == 200  # the page is not an API route
+
+
+def test_405_lists_every_allowed_method(client: TestClient) -> None:
+    r = client.put("/v1/classify")
+    assert_error(r, 405, "method_not_allowed")
+    assert r.headers["allow"] == "POST"
+    assert client.delete("/admin/jobs").headers["allow"] == "GET, POST"
