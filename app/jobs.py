@@ -519,6 +519,8 @@ class JobRunner:
             if fresh is not None and fresh.cancel_requested:
                 now = time.monotonic()
                 if cancel_sent_at is None:
+                    # (also when another process of the service took the DELETE)
+                    _signal_group(proc.pid, signal.SIGTERM)
                     cancel_sent_at = now
                 elif now - cancel_sent_at > KILL_AFTER_S:
                     _signal_group(proc.pid, signal.SIGKILL)

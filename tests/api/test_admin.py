@@ -250,3 +250,9 @@ def test_env_example_documents_every_setting() -> None:
     text = (REPO / ".env.example").read_text()
     for name in Settings.model_fields:
         assert f"ALEXNET_{name.upper()}=" in text, name
+
+
+def test_readme_documents_every_setting() -> None:
+    text = (REPO / "README.md").read_text()
+    missing = [n for n in Settings.model_fields if f"`ALEXNET_{n.upper()}`" not in text]
+    assert missing == []
