@@ -165,11 +165,14 @@ _EXAMPLES: dict[int, tuple[str, str]] = {
 }
 
 
-def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` entries in the error envelope, each with an example."""
+def responses(
+    *statuses: int, examples: dict[int, tuple[str, str]] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries in the error envelope, each with an example (`examples`
+    overrides the default (code, message) of a status)."""
     out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
-        code, message = _EXAMPLES[status]
+        code, message = (examples or {}).get(status) or _EXAMPLES[status]
         entry: dict[str, Any] = {
             "model": ErrorBody,
             "description": code.replace("_", " "),

@@ -86,7 +86,9 @@ def check_dataset(state: AppState, dataset: str) -> None:
 @router.post(
     "/jobs", status_code=202, response_model=JobOut,
     summary="Start a training job (the `alexnet train` options, snake_case)",
-    responses=responses(422, 429),
+    responses=responses(400, 413, 422, 429, examples={
+        400: ("invalid_request", "There was an error parsing the body"),
+        413: ("payload_too_large", "request body is larger than 1048576 bytes")}),
 )  # fmt: skip
 async def create_job(req: JobRequest, state: StateDep) -> JobOut:
     assert state.jobs is not None and state.runner is not None
