@@ -127,6 +127,8 @@ def _first_error(exc: ValidationError, *, env: bool = False) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.protocol import with_header_timeout
+
     s = _settings()
     uvicorn.run(
         "app.main:create_app",
@@ -136,6 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(s.shutdown_timeout_s) or None,
         log_level=s.log_level,
         timeout_keep_alive=5,
+        http=with_header_timeout(s.header_timeout_s),
     )
     return 0
 

@@ -5,6 +5,7 @@ AppError
  +-- InvalidImageError     400 invalid_image
  +-- Unauthorized          401 unauthorized
  +-- NotFound              404 not_found
+ +-- RequestBodyTimeout    408 request_timeout
  +-- Conflict              409 conflict
  +-- PayloadTooLarge       413 payload_too_large
  +-- ImageTooLargeError    413 image_too_large
@@ -76,6 +77,15 @@ class NotFound(AppError):
 
 class MethodNotAllowed(AppError):
     status, code = 405, "method_not_allowed"
+
+
+class RequestBodyTimeout(AppError):
+    """A client that sends its body too slowly (slowloris); the connection then closes."""
+
+    status, code = 408, "request_timeout"
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
 
 
 class Conflict(AppError):

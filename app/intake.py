@@ -13,7 +13,14 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from app.errors import AppError, BadRequest, PayloadTooLarge, TooManyFiles, UnsupportedMediaType
+from app.errors import (
+    AppError,
+    BadRequest,
+    PayloadTooLarge,
+    RequestBodyTimeout,
+    TooManyFiles,
+    UnsupportedMediaType,
+)
 from model.images import DecodeLimits, decode_image, to_tensor
 from model.transforms import EvalTransform
 
@@ -31,8 +38,9 @@ class BodyLimitMiddleware:
     Content-Length says so, else as soon as the streamed bytes pass the limit (413
     payload_too_large), before the body is spooled anywhere."""
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]) -> None:
-        self.app, self.limit_for = app, limit_for
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int],
+                 body_timeout_s: float = 60.0) -> None:  # fmt: skip
+        self.app, self.limit_for, self.body_timeout_s = app, limit_for, body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -51,14 +59,27 @@ class BodyLimitMiddleware:
                     f"request body is {int(declared)} bytes; the limit here is {limit}"))  # fmt: skip
                 return
         received = 0
+        body_done = False
+        deadline: float | None = None  # the whole body within body_timeout_s
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done, deadline
+            if body_done:  # later receives wait for a disconnect: no deadline
+                return await receive()
+            loop = asyncio.get_running_loop()
+            if deadline is None:
+                deadline = loop.time() + self.body_timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise RequestBodyTimeout(
+                    f"the request body did not arrive within {self.body_timeout_s:g} s"
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+                body_done = not message.get("more_body", False)
             return message
 
         await self.app(scope, limited_receive, send)

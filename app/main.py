@@ -191,7 +191,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return batch
         return 1024 * 1024  # JSON bodies (admin)
 
-    app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
+    app.add_middleware(BodyLimitMiddleware, limit_for=limit_for,
+                       body_timeout_s=settings.body_timeout_s)  # fmt: skip
     if settings.cors_origins:
         # Off by default. Browsers may send the admin token only to listed origins: with
         # "*" no credentials are allowed at all.

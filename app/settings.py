@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(2.0, ge=0, le=1000)
     max_queue: int = Field(256, ge=1)
     request_timeout_s: float = Field(10.0, gt=0)
+    # Slow clients: request headers must arrive within this, a request body within
+    # body_timeout_s of its first byte (408 request_timeout), so trickling clients
+    # (slowloris) cannot hold connections.
+    header_timeout_s: float = Field(10.0, gt=0, le=600)
+    body_timeout_s: float = Field(60.0, gt=0, le=3600)
     decode_threads: int = Field(0, ge=0)  # 0: one per CPU core
 
     # Upload limits.
