@@ -4,11 +4,12 @@ thread pool. Filenames are only ever echoed back, never used as paths."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
@@ -36,7 +37,9 @@ MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers on top of the file
 class BodyLimitMiddleware:
     """Refuse a request body over its route's limit while it is being read: at once when
     Content-Length says so, else as soon as the streamed bytes pass the limit (413
-    payload_too_large), before the body is spooled anywhere."""
+    payload_too_large), before the body is spooled anywhere. The whole body must arrive
+    within `body_timeout_s` of its first read (408), and a response sent before the body
+    was read to its end closes the connection."""
 
     def __init__(self, app: ASGIApp, limit_for: Callable[[str], int],
                  body_timeout_s: float = 60.0) -> None:  # fmt: skip
@@ -82,7 +85,18 @@ class BodyLimitMiddleware:
                 body_done = not message.get("more_body", False)
             return message
 
-        await self.app(scope, limited_receive, send)
+        # A response that goes out before the body was read to its end (413, 408, 401, a
+        # malformed multipart) closes the connection: the unread rest is not worth
+        # draining, and a client streaming a never-ending body cannot keep the connection.
+        has_body = declared not in (None, b"0") or b"transfer-encoding" in headers
+
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and has_body and not body_done:
+                extra = [(b"connection", b"close")]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, limited_receive, closing_send)
 
 
 async def _send_error(send: Send, err: AppError) -> None:
@@ -96,20 +110,46 @@ async def _send_error(send: Send, err: AppError) -> None:
 
 
 async def read_form(request: Request, *, max_files: int) -> FormData:
-    """Parse multipart/form-data with bounds on files and fields."""
+    """Parse multipart/form-data with bounds on files and fields. A body that ends before
+    its closing boundary is malformed (400), not a form with the last part missing."""
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
         raise UnsupportedMediaType(
             "send the image as multipart/form-data (curl -F file=@photo.jpg ...)"
         )
-    parser = MultiPartParser(request.headers, request.stream(), max_files=max_files,
+    _, params = parse_options_header(ctype)
+    closing = b"--" + params.get(b"boundary", b"") + b"--"
+    seen = _Marker(closing)
+    parser = MultiPartParser(request.headers, seen.watch(request.stream()), max_files=max_files,
                              max_fields=16, max_part_size=64 * 1024)  # fmt: skip
     try:
-        return await parser.parse()
+        form = await parser.parse()
     except MultiPartException as exc:
         if "Too many files" in exc.message:
             raise TooManyFiles(f"at most {max_files} file(s) per request") from exc
         raise BadRequest(f"malformed multipart body: {exc.message}") from exc
+    if not seen.found:
+        await form.close()
+        raise BadRequest(
+            f"malformed multipart body: it ends before the closing boundary {closing.decode()}"
+        )
+    return form
+
+
+class _Marker:
+    """Watches a byte stream for `marker`, across chunk edges."""
+
+    def __init__(self, marker: bytes) -> None:
+        self.marker, self.found = marker, False
+
+    async def watch(self, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        tail = b""
+        async for chunk in stream:
+            if not self.found and chunk:
+                window = tail + chunk
+                self.found = self.marker in window
+                tail = window[-(len(self.marker) - 1) :]
+            yield chunk
 
 
 async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:

@@ -1,4 +1,5 @@
-"""uvicorn's HTTP protocol with a header-read deadline.
+"""uvicorn's HTTP protocol with a header-read deadline, and its parse errors in the API's
+error envelope.
 
 uvicorn cancels its keep-alive timer on every byte received and has no timer while a
 request's headers arrive, so a client that trickles a header byte every few seconds
@@ -9,6 +10,7 @@ client gets 408 and the connection is closed."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -43,6 +45,18 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.write(_TIMEOUT_RESPONSE)
             self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn answers unparseable requests (a lying Content-Length, a malformed
+        chunk, bad header bytes) in plain text; here in the API's error envelope."""
+        message = "not a valid HTTP/1.1 request (framing, Content-Length or header bytes)"
+        body = json.dumps({"error": {"code": "invalid_request", "message": message,
+                                     "details": None}}).encode()  # fmt: skip
+        self.transport.write(
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+            b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)

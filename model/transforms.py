@@ -69,6 +69,8 @@ class EvalTransform:
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         pre = self.pre
+        if pre.resize == "center_crop":
+            image = _bound_aspect(image)
         size = [pre.image_size, pre.image_size] if pre.resize == "stretch" else [pre.resize_size]
         out: torch.Tensor = F.resize(
             image, size, interpolation=InterpolationMode.BILINEAR, antialias=True
@@ -76,6 +78,26 @@ class EvalTransform:
         if pre.resize == "center_crop":
             out = F.center_crop(out, [pre.image_size, pre.image_size])
         return out
+
+
+MAX_ASPECT: Final = 3  # longer side / shorter side kept before resizing (center_crop)
+
+
+def _bound_aspect(image: torch.Tensor) -> torch.Tensor:
+    """Centre-crop the longer side to at most MAX_ASPECT x the shorter one.
+
+    Resizing the shorter side up first would make a 20000x1 image (a 100-byte PNG)
+    5,120,000 x 256 pixels: gigabytes and seconds, for a crop that keeps only the centre.
+    The final centre crop covers at most 1.0 x the shorter side, so cutting the longer
+    side to 3x of it keeps everything the output sees, with a margin for the resampling
+    filter; images with ordinary aspect ratios are not touched at all.
+    """
+    h, w = image.shape[-2:]
+    if w > MAX_ASPECT * h:
+        return F.center_crop(image, [h, MAX_ASPECT * h])
+    if h > MAX_ASPECT * w:
+        return F.center_crop(image, [MAX_ASPECT * w, w])
+    return image
 
 
 def eval_transform(pre: Preprocessing) -> EvalTransform:

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torchvision.models import AlexNet_Weights
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from model.transforms import EvalTransform, Normalize, Preprocessing
 
@@ -62,3 +63,32 @@ def test_normalize_accepts_uint8_and_unit_floats_alike() -> None:
     x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
     torch.testing.assert_close(Normalize(pre)(x), torch.full((1, 3, 2, 2), 2.0))
     torch.testing.assert_close(Normalize(pre)(x.float() / 255), torch.full((1, 3, 2, 2), 2.0))
+
+
+def test_extreme_aspect_ratios_are_cropped_before_resizing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 20000x1 image (a 141-byte PNG) once became 5,120,000 x 256 pixels on the way to a
+    224 crop: gigabytes per request. The longer side is now cut to 3x the shorter first."""
+    import model.transforms as T
+
+    sizes: list[int] = []
+    real_resize = T.F.resize
+
+    def recording_resize(image: torch.Tensor, *a: object, **kw: object) -> torch.Tensor:
+        out: torch.Tensor = real_resize(image, *a, **kw)  # type: ignore[arg-type]
+        sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(T.F, "resize", recording_resize)
+    tf = EvalTransform(Preprocessing.for_size(224))
+    for shape in ((3, 1, 20_000), (3, 20_000, 1), (3, 7, 9_000)):
+        assert tf(torch.zeros(shape, dtype=torch.uint8)).shape == (3, 224, 224)
+    assert max(sizes) <= 3 * 256 * 3 * 256, sizes
+
+
+def test_cropping_a_long_side_first_keeps_what_the_crop_sees() -> None:
+    torch.manual_seed(0)
+    img = torch.randint(0, 256, (3, 200, 1000), dtype=torch.uint8)  # 5:1, cropped to 3:1
+    pre = Preprocessing.for_size(224)
+    unbounded = F.center_crop(F.resize(img, [pre.resize_size], antialias=True), [224, 224])
+    ours = EvalTransform(pre)(img)
+    assert (ours.int() - unbounded.int()).abs().max() <= 1
