@@ -4,7 +4,7 @@ thread pool. Filenames are only ever echoed back, never used as paths."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,7 +142,7 @@ class _Marker:
     def __init__(self, marker: bytes) -> None:
         self.marker, self.found = marker, False
 
-    async def watch(self, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async def watch(self, stream: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
         tail = b""
         async for chunk in stream:
             if not self.found and chunk:

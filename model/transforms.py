@@ -94,10 +94,13 @@ def _bound_aspect(image: torch.Tensor) -> torch.Tensor:
     """
     h, w = image.shape[-2:]
     if w > MAX_ASPECT * h:
-        return F.center_crop(image, [h, MAX_ASPECT * h])
-    if h > MAX_ASPECT * w:
-        return F.center_crop(image, [MAX_ASPECT * w, w])
-    return image
+        w = MAX_ASPECT * h
+    elif h > MAX_ASPECT * w:
+        h = MAX_ASPECT * w
+    else:
+        return image
+    out: torch.Tensor = F.center_crop(image, [h, w])
+    return out
 
 
 def eval_transform(pre: Preprocessing) -> EvalTransform:
