@@ -13,7 +13,7 @@ from typing import Final
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # Magic numbers of the accepted formats -> the Pillow plugin that may open them.
 SUPPORTED_FORMATS: Final = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
@@ -93,6 +93,8 @@ def decode_image(
         return to_rgb(ImageOps.exif_transpose(img))
     except ImageError:
         raise
+    except UnidentifiedImageError:
+        raise InvalidImage(f"not a readable {fmt} image: its header is damaged") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # The warning arrives here as an exception where the entry points have made
         # Pillow's bomb warnings errors (`warnings.filterwarnings("error", ...)`).
