@@ -33,6 +33,7 @@ from typing import Any, Final, Literal
 
 from pydantic import Field
 
+from model.checkpoint import remove_partial_saves
 from model.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -321,6 +322,10 @@ class EventTail:
 # ----------------------------------------------------------------------------- the runner
 
 
+def writer_tag(job_id: str) -> str:
+    return f"job-{job_id}"
+
+
 def train_argv(job: Job, run_dir: Path) -> list[str]:
     """The `alexnet train` command line for `job` (resuming its run folder if asked)."""
     if job.resume:
@@ -396,6 +401,7 @@ class JobRunner:
                             job.pid)  # fmt: skip
                 _signal_group(job.pid, signal.SIGTERM)
                 _wait_gone(job.pid, self.stop_timeout_s)
+            self.cleanup(job)
             self._catch_up(job)
             if job.result_version:
                 self.store.update(
@@ -477,7 +483,18 @@ class JobRunner:
         n = str(os.cpu_count() or 1) if job.source == "bootstrap" else str(self.threads)
         env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, ALEXNET_JOB_PARENT_PID=str(os.getpid()))
         env["PYTHONUNBUFFERED"] = "1"
+        env["ALEXNET_WRITER_TAG"] = writer_tag(job.id)  # names its temp files: see cleanup()
         return env
+
+    def cleanup(self, job: Job) -> None:
+        """Once a job's processes are gone: remove the temp files a killed child left in
+        its run folder and in the model store (tagged with the job, so another writer's
+        save in progress is never touched)."""
+        removed = remove_partial_saves(self.run_dir(job.id)) + remove_partial_saves(
+            self.home / "models", writer=writer_tag(job.id)
+        )
+        if removed:
+            log.warning("job %s: removed %d partial save(s) its process left", job.id, removed)
 
     async def _run(self, job: Job) -> None:
         run_dir = self.run_dir(job.id)
@@ -529,6 +546,7 @@ class JobRunner:
         await self._finished(job, proc.returncode, run_dir)
 
     async def _finished(self, job: Job, rc: int, run_dir: Path) -> None:
+        self.cleanup(job)
         fresh = self.store.get(job.id)
         cancelled = fresh is not None and fresh.cancel_requested
         now = time.time()

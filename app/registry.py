@@ -137,7 +137,9 @@ class Registry:
         self.current: LoadedModel | None = None
         self._swap_lock = threading.Lock()  # one activation at a time
         models_dir.mkdir(parents=True, exist_ok=True)
-        removed = remove_partial_saves(models_dir)
+        # Older than 10 minutes: a partial save is seconds old only while its writer (a
+        # trainer sharing this folder) is still writing it.
+        removed = remove_partial_saves(models_dir, older_than_s=600)
         if removed:
             log.warning("removed %d partial save(s) left by a crash", removed)
 

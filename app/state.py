@@ -119,6 +119,9 @@ class AppState:
             except CheckpointError as exc:
                 log.error("cannot serve version %s: %s", version, exc)
                 continue
+            except Exception:  # whatever a broken version does, the service must come up
+                log.exception("cannot serve version %s", version)
+                continue
             # Never rewrite ACTIVE at startup: if it is broken, we serve the newest good
             # version and GET /v1/models shows "active" and "serving" apart.
             self.serve(loaded, persist=False)

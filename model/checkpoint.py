@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -131,7 +132,7 @@ def write_file_durably(path: Path, data: bytes) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so a reader sees the old or the new content, never a mix."""
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{secrets.token_hex(4)}")
+    tmp = path.with_name(_tmp_name(path.name))
     try:
         write_file_durably(tmp, data)
         os.replace(tmp, path)
@@ -217,7 +218,7 @@ def save_version(
         num_parameters=count_parameters(net),
         sha256=sha256_bytes(data),
     )
-    tmp = models_dir / f"{_TMP_PREFIX}{version}.{secrets.token_hex(4)}"
+    tmp = models_dir / _tmp_name(version)
     tmp.mkdir()
     try:
         write_file_durably(tmp / WEIGHTS_FILE, data)
@@ -335,17 +336,40 @@ def list_cards(models_dir: Path) -> list[ModelCard]:
     return cards
 
 
-def remove_partial_saves(models_dir: Path) -> int:
-    """Delete temp folders and files left by a crash mid-save; returns how many."""
+def _tmp_name(name: str) -> str:
+    """A hidden temp name that says who writes it: `ALEXNET_WRITER_TAG` (a training job's
+    id, set by the job runner) or the process id, so a cleanup can pick a dead writer's
+    leftovers without touching a live writer's save in progress."""
+    tag = re.sub(r"[^A-Za-z0-9_-]", "", os.environ.get("ALEXNET_WRITER_TAG", ""))
+    return f"{_TMP_PREFIX}{name}.{tag or f'p{os.getpid()}'}.{secrets.token_hex(4)}"
+
+
+def remove_partial_saves(folder: Path, *, writer: str | None = None,
+                         older_than_s: float = 0.0) -> int:  # fmt: skip
+    """Delete temp folders and files left in `folder` by a crash mid-save; returns how many.
+
+    `writer`: only those of that writer tag (a job whose process died). `older_than_s`:
+    only those untouched for that long, so another live process's save in progress (a
+    trainer sharing the folder with this replica) is left alone."""
     n = 0
-    if models_dir.is_dir():
-        for child in models_dir.iterdir():
-            if child.name.startswith(_TMP_PREFIX):
-                if child.is_dir():
-                    shutil.rmtree(child, ignore_errors=True)
-                else:
-                    child.unlink(missing_ok=True)
-                n += 1
+    if not folder.is_dir():
+        return 0
+    now = time.time()
+    for child in folder.iterdir():
+        if not child.name.startswith(_TMP_PREFIX):
+            continue
+        if writer is not None and f".{writer}." not in child.name:
+            continue
+        try:
+            if older_than_s and now - child.stat().st_mtime < older_than_s:
+                continue
+        except FileNotFoundError:
+            continue  # renamed into place meanwhile
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+        n += 1
     return n
 
 
