@@ -1,14 +1,11 @@
-"""Admin training jobs end to end: a real server, real `alexnet train` children, real kills.
+"""Admin training jobs end to end: a real server and real `alexnet train` children.
 
 Each job is a small synthetic run (a few seconds of training at 64 px) so the suite stays
-short; what is checked is the plumbing: progress, results, activation, cancel, crash,
-restart, resume, queueing, and a hot swap under load with zero failed requests."""
+short; what is checked is the plumbing: progress, results, activation, cancel, resume and
+queueing. Killed children, restarts and hot swaps are in tests/faults."""
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -141,103 +138,3 @@ def test_queue_cancel_queued_and_running_then_resume(server: Server) -> None:
     assert resumed["progress"]["epoch"] == cancelled["progress"]["epoch"]  # same epoch, not 1
     api(server, "DELETE", f"/admin/jobs/{first['id']}")
     assert wait_job(server, first["id"], finished)["status"] == "cancelled"
-
-
-def test_killed_child_fails_the_job_not_the_service(
-    server: Server, jpeg_photos: list[Path]
-) -> None:
-    job = api(server, "POST", "/admin/jobs", json=LONG).json()
-    wait_job(server, job["id"], mid_epoch)
-    run_dir = server.home / "jobs" / job["id"]
-    pids = training_pids(run_dir)
-    assert pids
-    os.kill(pids[0], signal.SIGKILL)  # the `alexnet train` child itself
-    failed = wait_job(server, job["id"], finished)
-    assert failed["status"] == "failed" and "SIGKILL" in failed["error"], failed
-    assert classify(server, jpeg_photos[0]).status_code == 200
-    assert httpx.get(server.url + "/readyz").status_code == 200
-    # The runner goes on with the next job.
-    nxt = api(server, "POST", "/admin/jobs", json={**SMALL, "activate": "never"}).json()
-    done = wait_job(server, nxt["id"], finished)
-    assert done["status"] == "succeeded" and not done["activated"]
-    assert "never" in done["activation"]
-
-
-def test_restart_mid_job_interrupts_then_resume_finishes(home: Path) -> None:
-    make_version(home / "models", activate=True, metrics={"val_top1": 0.1})
-    env = {"ALEXNET_ADMIN_TOKEN": TOKEN, "ALEXNET_JOB_THREADS": "1"}
-    spec = {**SMALL, "dataset": "synthetic:1200", "epochs": 2}
-    srv = Server(home, **env).start()
-    try:
-        job = api(srv, "POST", "/admin/jobs", json=spec).json()
-        run_dir = home / "jobs" / job["id"]
-        wait_job(srv, job["id"], mid_epoch)
-        # A graceful stop: the child saves its state, the job is interrupted.
-        # (uvicorn re-raises the SIGTERM it handled once shutdown is complete)
-        assert srv.terminate(timeout_s=30) in (0, -signal.SIGTERM)
-        assert training_pids(run_dir) == []
-    finally:
-        srv.__exit__(None, None, None)
-    srv = Server(home, **env).start()
-    try:
-        stopped = api(srv, "GET", f"/admin/jobs/{job['id']}").json()
-        assert stopped["status"] == "interrupted" and "resume" in stopped["error"], stopped
-        assert api(srv, "POST", f"/admin/jobs/{job['id']}/resume").status_code == 202
-        wait_job(srv, job["id"], lambda j: j["attempts"] == 2 and mid_epoch(j))
-        # Now a crash: SIGKILL the server. The child is told by the kernel, saves, exits.
-        assert srv.proc is not None
-        srv.proc.kill()
-        srv.proc.wait(10)
-        deadline = time.monotonic() + 60
-        while training_pids(run_dir) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert training_pids(run_dir) == []  # no orphan kept training
-    finally:
-        srv.__exit__(None, None, None)
-    srv = Server(home, **env).start()
-    try:
-        crashed = api(srv, "GET", f"/admin/jobs/{job['id']}").json()
-        assert crashed["status"] == "interrupted", crashed
-        assert api(srv, "POST", f"/admin/jobs/{job['id']}/resume").status_code == 202
-        done = wait_job(srv, job["id"], finished)
-        assert done["status"] == "succeeded" and done["attempts"] == 3, done
-        assert [h["epoch"] for h in done["history"]] == [1, 2]
-        assert read_active(home / "models") == done["result_version"]
-    finally:
-        srv.__exit__(None, None, None)
-
-
-def test_hot_swap_under_load_fails_no_request(server: Server, jpeg_photos: list[Path]) -> None:
-    models = server.home / "models"
-    a = read_active(models)
-    b = make_version(models, seed=11).version
-    results: list[tuple[int, str | None]] = []
-    stop = threading.Event()
-
-    def hammer(photo: Path) -> None:
-        with httpx.Client(timeout=30) as c:
-            while not stop.is_set():
-                r = c.post(server.url + "/v1/classify",
-                           files={"file": (photo.name, photo.read_bytes())})  # fmt: skip
-                version = r.json().get("model", {}).get("version") if r.status_code == 200 else None
-                results.append((r.status_code, version))
-
-    threads = [threading.Thread(target=hammer, args=(p,)) for p in jpeg_photos[:4]]
-    for t in threads:
-        t.start()
-    try:
-        time.sleep(1.0)
-        for target in (b, a, b):
-            r = api(server, "POST", f"/admin/models/{target}/activate")
-            assert r.status_code == 200, r.text
-            n = len(results)
-            time.sleep(0.7)
-            assert {v for _, v in results[n + 8 :]} <= {target}  # later batches: the new one
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
-    codes = Counter(code for code, _ in results)
-    assert codes == Counter({200: len(results)}), codes
-    assert {v for _, v in results} == {a, b}
-    assert read_active(models) == b
