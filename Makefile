@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast lint fmt typecheck bench bench-train bench-serve bench-decode clean
+.PHONY: serve test test-fast lint fmt typecheck bench bench-train bench-serve bench-decode bench-overload clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,7 +52,10 @@ bench-train: $(VENV)/.installed-dev
 bench-serve: $(VENV)/.installed-dev
 	$(BIN)/python bench/serve.py
 
-bench: bench-decode bench-precision bench-train bench-serve
+bench-overload: $(VENV)/.installed-dev   ## 2 minutes at twice the measured capacity
+	$(BIN)/python bench/overload.py
+
+bench: bench-decode bench-precision bench-train bench-serve bench-overload
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -124,6 +124,18 @@ class MicroBatcher(Generic[M]):
         finally:
             self._incoming -= n
 
+    def admit(self, n: int = 1) -> None:
+        """Refuse (429) before any work is spent on a request the queue cannot take: the
+        waiting images plus those being decoded already fill it."""
+        if self._closed:
+            raise ModelNotReady("the server is shutting down", retry_after_s=5)
+        if len(self._queue) + self._incoming + n > self.max_queue:
+            raise Overloaded(
+                f"the queue is full ({len(self._queue)} waiting, {self._incoming} being "
+                "decoded); retry later",
+                retry_after_s=self.retry_after_s(),
+            )
+
     def submit(
         self, tensor: torch.Tensor, model: M, *, top_k: int, deadline: float
     ) -> asyncio.Future[Row]:

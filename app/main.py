@@ -113,6 +113,8 @@ def _query_names(dep: Dependant) -> set[str]:
 async def reject_unknown_query(request: Request) -> None:
     """422 for query parameters a route does not declare: `?topk=3` is a typo to report,
     not a request to answer with the default top 5."""
+    if not request.scope.get("query_string"):
+        return  # the usual case: nothing to check
     route = request.scope.get("route")
     if not isinstance(route, APIRoute) or not route.include_in_schema:
         return

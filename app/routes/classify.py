@@ -81,6 +81,18 @@ def _check_top_k(loaded: LoadedModel, top_k: int) -> None:
         )
 
 
+async def _admit(state: AppState, request: Request) -> None:
+    """Shed load before parsing or decoding anything. The refused body is still read (and
+    dropped, within the body limits) so the 429 goes out on a connection the client can
+    read it from and reuse: closing with unread bytes would reset it."""
+    try:
+        state.batcher.admit()
+    except AppError:
+        async for _ in request.stream():
+            pass
+        raise
+
+
 async def _classify_bytes(
     state: AppState, request: Request, loaded: LoadedModel, data: bytes, top_k: int, deadline: float
 ) -> Row:
@@ -114,6 +126,7 @@ async def classify(request: Request, state: StateDep, top_k: TopK = 5) -> Classi
     deadline = asyncio.get_running_loop().time() + state.settings.request_timeout_s
     loaded = state.model
     _check_top_k(loaded, top_k)
+    await _admit(state, request)
     form = await read_form(request, max_files=1)
     try:
         upload = form.get("file")
@@ -141,6 +154,7 @@ async def classify_batch(request: Request, state: StateDep, top_k: TopK = 5) -> 
     deadline = asyncio.get_running_loop().time() + state.settings.request_timeout_s
     loaded = state.model
     _check_top_k(loaded, top_k)
+    await _admit(state, request)
     form = await read_form(request, max_files=state.settings.max_files)
     try:
         uploads = [u for u in form.getlist("files") if isinstance(u, UploadFile)]

@@ -184,11 +184,25 @@ def test_a_full_queue_is_refused_with_a_retry_after() -> None:
         queued = [b.submit(img(i), "m", top_k=1, deadline=d) for i in (1, 2)]
         with pytest.raises(Overloaded) as info:
             b.submit(img(3), "m", top_k=1, deadline=d)
+        with pytest.raises(Overloaded):
+            b.admit()  # refused up front, before the body is parsed or decoded
         assert info.value.headers() is not None
         assert int(info.value.headers()["Retry-After"]) >= 1  # type: ignore[index]
         fake.gate.set()
         await asyncio.gather(running, *queued)
         await b.stop()
+
+    run(main())
+
+
+def test_admission_counts_images_being_decoded() -> None:
+    async def main() -> None:
+        b: MicroBatcher[str] = MicroBatcher(FakeModel(), max_queue=2)
+        b.admit()
+        with b.incoming(2):
+            with pytest.raises(Overloaded, match="2 being decoded"):
+                b.admit()
+        b.admit()
 
     run(main())
 
