@@ -199,9 +199,8 @@ def test_admission_counts_images_being_decoded() -> None:
     async def main() -> None:
         b: MicroBatcher[str] = MicroBatcher(FakeModel(), max_queue=2)
         b.admit()
-        with b.incoming(2):
-            with pytest.raises(Overloaded, match="2 being decoded"):
-                b.admit()
+        with b.incoming(2), pytest.raises(Overloaded, match="2 being decoded"):
+            b.admit()
         b.admit()
 
     run(main())
