@@ -61,12 +61,14 @@ class MicroBatcher(Generic[M]):
         max_batch_size: int = 32,
         max_batch_wait_ms: float = 2.0,
         max_queue: int = 256,
+        max_queue_wait_s: float = 0.0,
         on_batch: Callable[[BatchStats], None] | None = None,
     ) -> None:
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_batch_wait_ms / 1000
         self.max_queue = max_queue
+        self.max_queue_wait_s = max_queue_wait_s
         self._on_batch = on_batch
         self._queue: collections.deque[_Item[M]] = collections.deque()
         self._wakeup = asyncio.Event()
@@ -126,13 +128,26 @@ class MicroBatcher(Generic[M]):
 
     def admit(self, n: int = 1) -> None:
         """Refuse (429) before any work is spent on a request the queue cannot take: the
-        waiting images plus those being decoded already fill it."""
+        waiting images plus those being decoded already fill it, or would take longer
+        than `max_queue_wait_s` at the measured rate (so the wait of accepted requests
+        is bounded in time on any device, not only in count)."""
         if self._closed:
             raise ModelNotReady("the server is shutting down", retry_after_s=5)
-        if len(self._queue) + self._incoming + n > self.max_queue:
+        ahead = len(self._queue) + self._incoming
+        if ahead + n > self.max_queue:
             raise Overloaded(
                 f"the queue is full ({len(self._queue)} waiting, {self._incoming} being "
                 "decoded); retry later",
+                retry_after_s=self.retry_after_s(),
+            )
+        if (
+            self.max_queue_wait_s
+            and self._rate
+            and (ahead + n) / self._rate > self.max_queue_wait_s
+        ):
+            raise Overloaded(
+                f"the queue would take {(ahead + n) / self._rate:.1f} s at the measured "
+                f"{self._rate:.0f} images/s (limit {self.max_queue_wait_s:g} s); retry later",
                 retry_after_s=self.retry_after_s(),
             )
 

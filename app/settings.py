@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_batch_wait_ms: float = Field(2.0, ge=0, le=1000)
     max_queue: int = Field(256, ge=1)
+    # Also refuse when the queue would take longer than this to drain at the measured
+    # model rate (0: off): bounds the latency of accepted requests under overload.
+    max_queue_wait_s: float = Field(1.0, ge=0, le=600)
     request_timeout_s: float = Field(10.0, gt=0)
     # Slow clients: request headers must arrive within this, a request body within
     # body_timeout_s of its first byte (408 request_timeout), so trickling clients

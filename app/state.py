@@ -168,6 +168,7 @@ def build_state(settings: Settings) -> AppState:
         max_batch_size=settings.max_batch_size,
         max_batch_wait_ms=settings.max_batch_wait_ms,
         max_queue=settings.max_queue,
+        max_queue_wait_s=settings.max_queue_wait_s,
         on_batch=on_batch,
     )
     # Half the cores decode; the model's own threads use the rest (measured on 2 cores:

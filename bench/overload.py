@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import tempfile
@@ -172,13 +173,26 @@ async def sequential(port: int, payload: bytes, n: int) -> list[float]:
     return out
 
 
-async def open_loop(port: int, bodies: list[bytes], rate: float, seconds: float) -> list[Answer]:
+async def sample_rss(
+    pid: int, into: list[tuple[float, float]], t0: float, stop: asyncio.Event
+) -> None:
+    """(seconds since t0, resident MB) every second until `stop`."""
+    while not stop.is_set():
+        into.append((time.monotonic() - t0, proc_kb(pid, "VmRSS") / 1024))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+
+
+async def open_loop(port: int, bodies: list[bytes], rate: float, seconds: float,
+                    pid: int, rss: list[tuple[float, float]]) -> list[Answer]:  # fmt: skip
     """Send at `rate` per second on a fixed schedule, never waiting for answers. Latency
     counts from the scheduled send time, so a generator that falls behind shows up in it
     (and in `lag_p99_ms`) instead of hiding the server's queueing."""
     answers: list[Answer] = []
     pool = Pool(port)
     t0 = time.monotonic()
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(sample_rss(pid, rss, t0, stop))
 
     async def one(i: int, at: float) -> None:
         lag = time.monotonic() - (t0 + at)
@@ -193,6 +207,8 @@ async def open_loop(port: int, bodies: list[bytes], rate: float, seconds: float)
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(i, at)))
     await asyncio.gather(*tasks)
+    stop.set()
+    await sampler
     pool.close()
     return answers
 
@@ -216,15 +232,18 @@ async def recovery(port: int, payload: bytes, normal_s: float, limit_s: float = 
     return float("inf")
 
 
-def windows(answers: list[Answer], seconds: float, width: float = 10.0) -> list[dict[str, float]]:
+def windows(answers: list[Answer], rss: list[tuple[float, float]], seconds: float,
+            width: float = 10.0) -> list[dict[str, float]]:  # fmt: skip
     rows = []
     start = 0.0
     while start < seconds:
         w = [a for a in answers if start <= a.sent_at < start + width]
         ok = [a.latency_s for a in w if a.status == 200]
+        mem = [mb for t, mb in rss if start <= t < start + width]
         rows.append({"from_s": start, "sent": len(w), "ok": len(ok),
                      "refused_429": sum(a.status == 429 for a in w),
-                     "p50_ms": pct(ok, 0.5) * 1000, "p99_ms": pct(ok, 0.99) * 1000})  # fmt: skip
+                     "p50_ms": pct(ok, 0.5) * 1000, "p99_ms": pct(ok, 0.99) * 1000,
+                     "rss_max_mb": max(mem, default=float("nan"))})  # fmt: skip
         start += width
     return rows
 
@@ -269,7 +288,8 @@ def main() -> None:
             rss_before = proc_kb(pid, "VmRSS") / 1024
             Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
             rate = capacity * args.factor
-            answers = asyncio.run(open_loop(port, bodies, rate, args.seconds))
+            rss: list[tuple[float, float]] = []
+            answers = asyncio.run(open_loop(port, bodies, rate, args.seconds, pid, rss))
             rss_peak = proc_kb(pid, "VmHWM") / 1024
             idle_p50 = pct(idle, 0.5)
             recovered = asyncio.run(recovery(port, bodies[0], idle_p50))
@@ -285,7 +305,7 @@ def main() -> None:
         accepted_max_ms=max(ok, default=float("nan")) * 1000, idle_p50_ms=idle_p50 * 1000,
         lag_p99_ms=pct([a.lag_s for a in answers], 0.99) * 1000,
         rss_before_mb=rss_before, rss_peak_mb=rss_peak, rss_after_mb=rss_after,
-        recovery_s=recovered, windows=windows(answers, args.seconds),
+        recovery_s=recovered, windows=windows(answers, rss, args.seconds),
     )  # fmt: skip
     print(f"Machine: {report.machine}\nModel: {report.model}\n")
     print(table(["capacity (closed loop, 32 clients)", "offered (open loop)", "duration"],
@@ -300,10 +320,10 @@ def main() -> None:
                   f"{report.accepted_max_ms:.0f}", f"{report.idle_p50_ms:.0f}",
                   f"{report.lag_p99_ms:.0f}"]]))  # fmt: skip
     print()
-    print(table(["window", "sent", "200", "429", "p50 ms", "p99 ms"],
+    print(table(["window", "sent", "200", "429", "p50 ms", "p99 ms", "RSS max MB"],
                 [[f"{w['from_s']:.0f}-{w['from_s'] + 10:.0f} s", w["sent"], w["ok"],
-                  w["refused_429"], f"{w['p50_ms']:.0f}", f"{w['p99_ms']:.0f}"]
-                 for w in report.windows]))  # fmt: skip
+                  w["refused_429"], f"{w['p50_ms']:.0f}", f"{w['p99_ms']:.0f}",
+                  f"{w['rss_max_mb']:.0f}"] for w in report.windows]))  # fmt: skip
     print()
     print(table(["RSS before MB", "RSS peak MB", "RSS after MB", "back to idle latency"],
                 [[f"{rss_before:.0f}", f"{rss_peak:.0f}", f"{rss_after:.0f}",

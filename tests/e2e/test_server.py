@@ -111,7 +111,7 @@ def test_requests_past_their_deadline_get_504(tmp_path: Path, jpeg_photos: list[
     make_version(home / "models", activate=True, num_classes=1000, image_size=224)
     data = jpeg_photos[0].read_bytes()
     with Server(home, ALEXNET_REQUEST_TIMEOUT_S="0.15", ALEXNET_MAX_BATCH_SIZE="1",
-                ALEXNET_PRECISION="fp32") as srv:  # fmt: skip
+                ALEXNET_PRECISION="fp32", ALEXNET_MAX_QUEUE_WAIT_S="0") as srv:  # fmt: skip
         responses = asyncio.run(_post_many(srv.url, data, 30))
         codes = [r.status_code for r in responses]
         assert 504 in codes and 200 in codes, codes

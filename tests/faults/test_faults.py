@@ -279,7 +279,9 @@ def test_sigterm_under_load_answers_every_accepted_request(
     home = tmp_path / "home"
     make_version(home / "models", activate=True, num_classes=1000, image_size=224)
     data = jpeg_photos[0].read_bytes()
-    srv = Server(home, ALEXNET_MAX_BATCH_SIZE="4", ALEXNET_PRECISION="fp32").start()
+    srv = Server(
+        home, ALEXNET_MAX_BATCH_SIZE="4", ALEXNET_PRECISION="fp32", ALEXNET_MAX_QUEUE_WAIT_S="0"
+    ).start()  # all 12 accepted, however slow the CPU
 
     async def scenario() -> tuple[list[httpx.Response], float]:
         async with httpx.AsyncClient(timeout=30) as c:

@@ -206,6 +206,21 @@ def test_admission_counts_images_being_decoded() -> None:
     run(main())
 
 
+def test_admission_bounds_the_queue_in_time_at_the_measured_rate() -> None:
+    async def main() -> None:
+        b: MicroBatcher[str] = MicroBatcher(FakeModel(), max_queue=256, max_queue_wait_s=0.5)
+        with b.incoming(100):
+            b.admit()  # no rate measured yet: only the count applies
+            b._rate = 400.0  # images/s
+            b.admit()  # 101 images drain in 0.25 s
+            b._rate = 100.0
+            with pytest.raises(Overloaded, match=r"would take 1\.0 s"):
+                b.admit()
+        b.admit()
+
+    run(main())
+
+
 def test_stop_drains_then_fails_what_is_left() -> None:
     async def main() -> None:
         fake = FakeModel()
