@@ -44,7 +44,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="initial learning rate (default 0.01)")
     p.add_argument("--momentum", type=float, help="default 0.9")
     p.add_argument("--weight-decay", type=float, help="default 5e-4")
-    p.add_argument("--scheduler", choices=["plateau", "step"], help="default plateau")
+    p.add_argument("--scheduler", choices=["plateau", "step", "cosine"], help="default plateau")
     p.add_argument("--patience", type=int, help="early-stopping patience (default 7)")
     p.add_argument("--min-delta", type=float, help="early-stopping delta (default 0)")
     p.add_argument("--image-size", type=int, help="network input side (default 224)")

@@ -34,7 +34,11 @@ class TrainConfig(BaseModel):
     lr: float = Field(0.01, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0, le=1)
-    scheduler: Literal["plateau", "step"] = "plateau"
+    scheduler: Literal["plateau", "step", "cosine"] = Field(
+        "plateau",
+        description="plateau (the article's), step (the paper's /10 on a stall) or cosine "
+        "(per-step decay to 0 over the run)",
+    )
     patience: int = Field(7, ge=1, le=1000, description="early-stopping patience, in epochs")
     min_delta: float = Field(0.0, ge=0, description="smallest val-loss drop that counts")
     image_size: int = Field(224, ge=63, le=512)
@@ -63,7 +67,7 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _patience_longer_than_scheduler(self) -> TrainConfig:
-        sched = PLATEAU_PATIENCE if self.scheduler == "plateau" else STEP_PATIENCE
+        sched = {"plateau": PLATEAU_PATIENCE, "step": STEP_PATIENCE}.get(self.scheduler, 0)
         if self.patience <= sched:
             raise ValueError(
                 f"patience {self.patience} must be greater than the {self.scheduler} "

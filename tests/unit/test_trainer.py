@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,36 @@ def test_plateau_halves_after_three_epochs_without_a_lower_loss() -> None:
 def test_step_divides_by_ten_when_validation_accuracy_stalls() -> None:
     lrs = _lrs("step", [1.0] * 6, [0.5, 0.6, 0.6, 0.6, 0.6, 0.6])
     assert lrs == [0.01, 0.01, 0.01, 0.01, 0.001, 0.001]
+
+
+def test_cosine_decays_per_step_to_zero_ignores_validation_and_resumes_exactly() -> None:
+    def policy() -> LRPolicy:
+        pol = LRPolicy(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01), "cosine")
+        pol.total_steps = 8
+        return pol
+
+    a = policy()
+    lrs = [a.lr]
+    for i in range(8):
+        a.optimizer.step()
+        a.batch_step()
+        if i == 3:
+            a.step(val_loss=1.0, val_top1=0.0)  # an epoch end: no effect on cosine
+        lrs.append(a.lr)
+    assert lrs[0] == 0.01 and lrs[4] == pytest.approx(0.005) and lrs[8] == pytest.approx(0.0)
+    assert all(x > y for x, y in itertools.pairwise(lrs))
+    b = policy()  # a resumed run: state after 3 steps, then 5 more
+    for _ in range(3):
+        b.optimizer.step()
+        b.batch_step()
+    c = policy()
+    c.load_state_dict(b.state_dict())
+    c.optimizer.param_groups[0]["lr"] = b.lr  # the optimizer's own state carries the lr
+    for _ in range(5):
+        c.optimizer.step()
+        c.batch_step()
+    assert c.lr == pytest.approx(lrs[8], abs=1e-12)
+    TrainConfig(dataset="synthetic", scheduler="cosine", patience=1)  # no patience to outlast
 
 
 def test_learning_rate_never_goes_below_min_lr() -> None:
