@@ -131,7 +131,7 @@ async def read_form(request: Request, *, max_files: int) -> FormData:
     if not seen.found:
         await form.close()
         raise BadRequest(
-            f"malformed multipart body: it ends before the closing boundary {closing.decode()}"
+            f"malformed multipart body: it ends before the closing boundary {closing.decode('latin-1')}"
         )
     return form
 
