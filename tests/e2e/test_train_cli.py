@@ -99,7 +99,7 @@ def test_ddp_with_two_gloo_processes(tmp_path: Path) -> None:
         (["--dataset", "synthetic", "--lr", "-1"], "--lr"),
         (["--dataset", "synthetic", "--patience", "2"], "greater than the plateau"),
         (["--dataset", "synthetic", "--image-size", "32"], "--image-size"),
-        (["--dataset", "synthetic", "--scheduler", "cosine"], "invalid choice"),
+        (["--dataset", "synthetic", "--scheduler", "onecycle"], "invalid choice"),
         (["--epochs", "3"], "--dataset is required"),
         (["--dataset", "synthetic", "--resume", "nope"], "neither a run folder"),
     ],
