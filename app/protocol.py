@@ -11,16 +11,28 @@ from __future__ import annotations
 
 import asyncio
 import json
+from http import HTTPStatus
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-_BODY = (
-    b'{"error":{"code":"request_timeout","message":"request headers took too long","details":null}}'
-)
-_TIMEOUT_RESPONSE = (
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-    b"content-length: " + str(len(_BODY)).encode() + b"\r\n\r\n" + _BODY
+from app.errors import AppError, BadRequest, RequestBodyTimeout
+
+
+def _raw_response(err: AppError) -> bytes:
+    """`err` in the API's error envelope as raw HTTP bytes, closing the connection: these
+    answers go out from the protocol, below the ASGI app and its handlers."""
+    body = json.dumps(err.body()).encode()
+    return (
+        f"HTTP/1.1 {err.status} {HTTPStatus(err.status).phrase}\r\n"
+        f"content-type: application/json\r\nconnection: close\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+_TIMEOUT_RESPONSE = _raw_response(RequestBodyTimeout("request headers took too long"))
+_MALFORMED_RESPONSE = _raw_response(
+    BadRequest("not a valid HTTP/1.1 request (framing, Content-Length or header bytes)")
 )
 
 
@@ -49,13 +61,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         """uvicorn answers unparseable requests (a lying Content-Length, a malformed
         chunk, bad header bytes) in plain text; here in the API's error envelope."""
-        message = "not a valid HTTP/1.1 request (framing, Content-Length or header bytes)"
-        body = json.dumps({"error": {"code": "invalid_request", "message": message,
-                                     "details": None}}).encode()  # fmt: skip
-        self.transport.write(
-            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
-            b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-        )
+        self.transport.write(_MALFORMED_RESPONSE)
         self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
