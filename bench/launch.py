@@ -23,6 +23,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def proc_status_kb(pid: int, field: str) -> int:
+    """A memory figure of a process from /proc/PID/status (VmRSS, VmHWM...), in kB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(f"{field} not in /proc/{pid}/status")
+
+
 class Server:
     def __init__(self, home: Path, **env: str) -> None:
         self.home, self.port = home, free_port()

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import jpeg_photos, machine, table
-from bench.launch import Server
+from bench.launch import Server, proc_status_kb
 from model.checkpoint import save_version, write_active
 from model.network import build_model
 from model.pretrained import IMAGENET_PRE
@@ -78,13 +78,6 @@ def request(data: bytes) -> bytes:
     head = (f"POST /v1/classify HTTP/1.1\r\nHost: bench\r\nContent-Type: multipart/form-data; "
             f"boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
     return head.encode() + body
-
-
-def proc_kb(pid: int, field_name: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    raise KeyError(field_name)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -178,7 +171,7 @@ async def sample_rss(
 ) -> None:
     """(seconds since t0, resident MB) every second until `stop`."""
     while not stop.is_set():
-        into.append((time.monotonic() - t0, proc_kb(pid, "VmRSS") / 1024))
+        into.append((time.monotonic() - t0, proc_status_kb(pid, "VmRSS") / 1024))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.0)
 
@@ -285,15 +278,15 @@ def main() -> None:
             asyncio.run(closed_loop(port, bodies, 32, 3))  # warm-up: every batch size
             idle = asyncio.run(sequential(port, bodies[0], 20))
             capacity = asyncio.run(closed_loop(port, bodies, 32, args.capacity_seconds))
-            rss_before = proc_kb(pid, "VmRSS") / 1024
+            rss_before = proc_status_kb(pid, "VmRSS") / 1024
             Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
             rate = capacity * args.factor
             rss: list[tuple[float, float]] = []
             answers = asyncio.run(open_loop(port, bodies, rate, args.seconds, pid, rss))
-            rss_peak = proc_kb(pid, "VmHWM") / 1024
+            rss_peak = proc_status_kb(pid, "VmHWM") / 1024
             idle_p50 = pct(idle, 0.5)
             recovered = asyncio.run(recovery(port, bodies[0], idle_p50))
-            rss_after = proc_kb(pid, "VmRSS") / 1024
+            rss_after = proc_status_kb(pid, "VmRSS") / 1024
     ok = [a.latency_s for a in answers if a.status == 200]
     refused = [a for a in answers if a.status == 429]
     report = Report(

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import jpeg_photos, machine, table
-from bench.launch import Server
+from bench.launch import Server, proc_status_kb
 from model.checkpoint import (
     load_version,
     save_version,
@@ -56,10 +56,7 @@ end
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return proc_status_kb(pid, "VmRSS") / 1024
 
 
 def start(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str, float]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.launch import proc_status_kb
 from tests.conftest import make_version
 from tests.e2e.server import Server
 
@@ -60,10 +61,7 @@ def reset_peak_rss(srv: Server) -> None:
 def proc_status(srv: Server, field: str) -> int:
     """A memory figure of the server process from /proc, in bytes."""
     assert srv.proc is not None
-    for line in Path(f"/proc/{srv.proc.pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"{field} not in /proc/{srv.proc.pid}/status")
+    return proc_status_kb(srv.proc.pid, field) * 1024
 
 
 def trickle(srv: Server, head: bytes, drip: bytes, stop: threading.Event) -> tuple[bytes, float]:
