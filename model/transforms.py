@@ -86,7 +86,7 @@ MAX_ASPECT: Final = 3  # longer side / shorter side kept before resizing (center
 def _bound_aspect(image: torch.Tensor) -> torch.Tensor:
     """Centre-crop the longer side to at most MAX_ASPECT x the shorter one.
 
-    Resizing the shorter side up first would make a 20000x1 image (a 100-byte PNG)
+    Resizing the shorter side up first would make a 20000x1 image (a 143-byte PNG)
     5,120,000 x 256 pixels: gigabytes and seconds, for a crop that keeps only the centre.
     The final centre crop covers at most 1.0 x the shorter side, so cutting the longer
     side to 3x of it keeps everything the output sees, with a margin for the resampling

@@ -66,7 +66,7 @@ def test_normalize_accepts_uint8_and_unit_floats_alike() -> None:
 
 
 def test_extreme_aspect_ratios_are_cropped_before_resizing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 20000x1 image (a 141-byte PNG) once became 5,120,000 x 256 pixels on the way to a
+    """A 20000x1 image (a 143-byte PNG) once became 5,120,000 x 256 pixels on the way to a
     224 crop: gigabytes per request. The longer side is now cut to 3x the shorter first."""
     import model.transforms as T
 
