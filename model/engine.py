@@ -113,6 +113,9 @@ class EvalResult:
     top1_correct: int = 0
     top5_correct: int = 0
     count: int = 0
+    # (C, C) int64 counts, rows = true label, columns = top-1 prediction; only when asked
+    # for (`evaluate(confusion=True)`) and not part of `as_tensor()` (never all-reduced).
+    confusion: torch.Tensor | None = None
 
     @property
     def loss(self) -> float:
@@ -140,15 +143,26 @@ class EvalResult:
     def metrics(self) -> dict[str, float]:
         return {"val_loss": self.loss, "val_top1": self.top1, "val_top5": self.top5}
 
+    def add_confusion(
+        self, labels: torch.Tensor, predicted: torch.Tensor, num_classes: int
+    ) -> None:
+        """Count (true, predicted) pairs of a batch; both (B,) class indices."""
+        pairs = labels.long() * num_classes + predicted.long()
+        counts = torch.bincount(pairs, minlength=num_classes * num_classes).cpu()
+        counts = counts.view(num_classes, num_classes)
+        self.confusion = counts if self.confusion is None else self.confusion + counts
+
 
 def evaluate(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     *,
     autocast_dtype: torch.dtype | None = None,
+    confusion: bool = False,
 ) -> EvalResult:
     """Cross-entropy loss, top-1 and top-5 over `batches` of (inputs, labels). Inputs
-    must already be what the model takes (see `EvalTransform`)."""
+    must already be what the model takes (see `EvalTransform`). `confusion`: also count
+    the confusion matrix (`EvalResult.confusion`) from the same top-1 predictions."""
     model.eval()
     res = EvalResult()
     with torch.inference_mode():
@@ -162,4 +176,6 @@ def evaluate(
             res.top1_correct += int(hits[:, 0].sum())
             res.top5_correct += int(hits.any(dim=1).sum())
             res.count += labels.numel()
+            if confusion:
+                res.add_confusion(labels, top[:, 0], logits.shape[1])
     return res

@@ -36,7 +36,7 @@ def test_a_short_synthetic_run_learns(tmp_path: Path) -> None:
     out = run_cli("evaluate", "active", "--dataset", "synthetic:1200", "--json", home=home)
     assert out.returncode == 0, out.stderr
     ev = json.loads(out.stdout)
-    assert ev["split"] == "test" and ev["count"] == 240 and 0.2 <= ev["top1"] <= 1
+    assert ev["split"] == "holdout" and ev["count"] == 240 and 0.2 <= ev["top1"] <= 1
 
 
 def test_sigterm_mid_epoch_saves_state_and_resume_finishes(tmp_path: Path) -> None:
