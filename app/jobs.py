@@ -383,7 +383,7 @@ class JobRunner:
         proc, job = self._proc, self.current
         if proc is not None and job is not None and proc.returncode is None:
             log.info("stopping job %s: it saves its state and resumes on request", job.id)
-            _signal_group(proc.pid, signal.SIGTERM)
+            _signal_leader(proc.pid, signal.SIGTERM)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), self.stop_timeout_s)
             self._finish_interrupted(job, "the service stopped while this job ran")
@@ -441,7 +441,7 @@ class JobRunner:
         self.store.update(job_id, cancel_requested=True)
         proc = self._proc
         if self.current is not None and self.current.id == job_id and proc is not None:
-            _signal_group(proc.pid, signal.SIGTERM)
+            _signal_leader(proc.pid, signal.SIGTERM)
         return self.store.get(job_id)
 
     def requeue(self, job_id: str) -> bool:
@@ -513,9 +513,11 @@ class JobRunner:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, proc.pid, self.nice)
         self.current, self._proc = job, proc
+        # step=0: progress shown from here on is this run's (a resumed job reports its own
+        # first step, not the step its previous run stopped at).
         if not self.store.update(job.id, expect=("queued",), status="running", pid=proc.pid,
                                  started_at=job.started_at or time.time(), error=None,
-                                 attempts=job.attempts + 1):  # fmt: skip
+                                 attempts=job.attempts + 1, step=0):  # fmt: skip
             # Cancelled between being picked and starting.
             _signal_group(proc.pid, signal.SIGTERM)
             await proc.wait()
@@ -528,6 +530,7 @@ class JobRunner:
             changes: dict[str, Any] = {}
             for ev in tail.read():
                 changes.update(apply_event(job, ev))
+                _log_event(job, ev)
             if changes:
                 self.store.update(job.id, **changes)
             if proc.returncode is not None:
@@ -537,7 +540,7 @@ class JobRunner:
                 now = time.monotonic()
                 if cancel_sent_at is None:
                     # (also when another process of the service took the DELETE)
-                    _signal_group(proc.pid, signal.SIGTERM)
+                    _signal_leader(proc.pid, signal.SIGTERM)
                     cancel_sent_at = now
                 elif now - cancel_sent_at > KILL_AFTER_S:
                     _signal_group(proc.pid, signal.SIGKILL)
@@ -580,6 +583,28 @@ class JobRunner:
             log.warning("job %s failed (%s)", job.id, _exit_text(rc))
 
 
+def _log_event(job: Job, ev: dict[str, Any]) -> None:
+    """A job's progress in the service log, in words: where it runs and each epoch."""
+    kind = ev.get("type")
+    with contextlib.suppress(KeyError, TypeError, ValueError):
+        if kind == "start":
+            d = ev["device"]
+            log.info("job %s: training %s on %s (%d train / %d val images) on %s %s%s",
+                     job.id, ev["config"]["arch"], ev["config"]["dataset"],
+                     ev["split"]["train"], ev["split"]["val"], d["device"], d["precision"],
+                     f", resumed at epoch {ev['resumed_from'][0]}" if ev.get("resumed_from")
+                     else "")  # fmt: skip
+        elif kind == "epoch_end":
+            eta = (
+                f", about {job.eta_s:.0f} s left"
+                if job.eta_s and ev["epoch"] < ev["epochs"]
+                else ""
+            )
+            log.info("job %s: epoch %d/%d val_loss %.4f val_top1 %.1f%% (%.0f img/s)%s",
+                     job.id, ev["epoch"], ev["epochs"], ev["val_loss"], 100 * ev["val_top1"],
+                     ev["images_per_s"], eta)  # fmt: skip
+
+
 def _exit_text(rc: int) -> str:
     if rc < 0:
         try:
@@ -601,6 +626,14 @@ def _log_reason(path: Path, max_chars: int = 600) -> str:
         if ln.startswith(("error:", "alexnet train: error:")) or "Error" in ln:
             return ln.strip()[:max_chars]
     return lines[-1].strip()[:max_chars] if lines else ""
+
+
+def _signal_leader(pid: int, sig: int) -> None:
+    """Ask the child itself to stop (`alexnet train`, or the CLI in front of torchrun, which
+    forwards it to the ranks): it finishes its step, saves, then shuts its DataLoader
+    workers down. Signalling the whole group would hit those workers first."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,7 +263,17 @@ def make_loader(
         # Its own generator: creating an iterator must not consume the global RNG (which
         # dropout draws from), or a resumed epoch would drop different units.
         generator=torch.Generator(),
+        worker_init_fn=_worker_ignores_stop_signals if workers else None,
     )
+
+
+def _worker_ignores_stop_signals(_worker_id: int) -> None:
+    """Stopping is the trainer's job: it finishes its step, saves and then shuts its
+    workers down itself. A worker that died of a SIGTERM or Ctrl-C sent to the whole
+    process group (a job runner, a terminal) would instead fail the run with "DataLoader
+    worker is killed by signal" before the state is saved."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def default_workers() -> int:

@@ -6,6 +6,7 @@ queueing. Killed children, restarts and hot swaps are in tests/faults."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -23,8 +24,10 @@ pytestmark = pytest.mark.e2e
 
 TOKEN = "e2e-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+# DataLoader workers as users run them: cancel and stop must not kill them before the
+# trainer has saved.
 SMALL = {"dataset": "synthetic:160", "image_size": 64, "batch_size": 16, "epochs": 2,
-         "dropout": 0.0, "workers": 0, "activate": "always"}  # fmt: skip
+         "dropout": 0.0, "workers": 2, "activate": "always"}  # fmt: skip
 # Long enough to be caught running (and cancelled, killed or interrupted) mid-epoch.
 LONG = {**SMALL, "dataset": "synthetic:4000", "epochs": 3}
 
@@ -73,6 +76,15 @@ def training_pids(run_dir: Path) -> list[int]:
         if str(run_dir).encode() in cmd:
             pids.append(int(entry.name))
     return sorted(pids)
+
+
+def state_position(run_dir: Path) -> tuple[int, int]:
+    """(epoch, step) at which a run's resumable state was saved."""
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "state.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["state"])
+    return int(meta["epoch"]), int(meta["step"])
 
 
 def classify(srv: Server, photo: Path) -> httpx.Response:
@@ -128,6 +140,10 @@ def test_queue_cancel_queued_and_running_then_resume(server: Server) -> None:
     run_dir = server.home / "jobs" / first["id"]
     assert (run_dir / "state.safetensors").is_file()
     assert not list(run_dir.glob("*.tmp*"))  # no half-written file
+    # The trainer saved where it stopped (mid-epoch), and its workers did not crash it.
+    assert state_position(run_dir)[1] >= 1
+    log = (run_dir / "train.log").read_text()
+    assert "DataLoader worker" not in log and "Traceback" not in log, log[-3000:]
     assert training_pids(run_dir) == []
     # The cancelled queued job never ran.
     assert api(server, "GET", f"/admin/jobs/{second['id']}").json()["attempts"] == 0

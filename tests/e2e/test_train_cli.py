@@ -42,7 +42,7 @@ def test_a_short_synthetic_run_learns(tmp_path: Path) -> None:
 def test_sigterm_mid_epoch_saves_state_and_resume_finishes(tmp_path: Path) -> None:
     home, run_dir = tmp_path / "home", tmp_path / "run"
     events = tmp_path / "events.jsonl"
-    args = ["train", "--dataset", "synthetic:400", "--epochs", "2", "--batch-size", "16", *FAST,
+    args = ["train", "--dataset", "synthetic:1200", "--epochs", "2", "--batch-size", "16", *FAST,
             "--run-dir", str(run_dir), "--events-file", str(events)]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=REPO,
                             env={**os.environ, "ALEXNET_HOME": str(home)},
@@ -66,6 +66,53 @@ def test_sigterm_mid_epoch_saves_state_and_resume_finishes(tmp_path: Path) -> No
     assert r.returncode == 0, r.stderr
     assert len([x for x in r.stdout.splitlines() if x.startswith("epoch")]) == 2
     assert len(list_cards(home / "models")) == 1
+
+
+def _events(path: Path) -> list[dict[str, object]]:
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+
+
+def _state_meta(run_dir: Path) -> dict[str, object]:
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "state.safetensors"), framework="pt") as f:
+        meta: dict[str, object] = json.loads(f.metadata()["state"])
+    return meta
+
+
+@pytest.mark.parametrize("target", ["process", "group"])
+def test_sigterm_with_dataloader_workers_saves_mid_epoch(tmp_path: Path, target: str) -> None:
+    """With DataLoader workers, as users run: SIGTERM to the trainer (what the job runner
+    sends) or to its whole process group (a terminal, a container stop) must not kill the
+    workers before the trainer has finished its step and saved mid-epoch (exit 75)."""
+    home, run_dir = tmp_path / "home", tmp_path / "run"
+    events = tmp_path / "events.jsonl"
+    args = ["train", "--dataset", "synthetic:2000", "--epochs", "2", "--batch-size", "16",
+            "--image-size", "64", "--precision", "fp32", "--device", "cpu", "--workers", "2",
+            "--run-dir", str(run_dir), "--events-file", str(events)]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=REPO,
+                            env={**os.environ, "ALEXNET_HOME": str(home)}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(
+        ev["type"] == "step" and ev["step"] >= 2 for ev in _events(events)
+    ):
+        time.sleep(0.05)
+    if target == "group":
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    assert "DataLoader worker" not in err and "Traceback" not in err, err[-3000:]
+    kinds = [json.loads(line)["type"] for line in events.read_text().splitlines()]
+    assert kinds[-1] == "interrupted" and "failed" not in kinds, kinds[-5:]
+    meta = _state_meta(run_dir)
+    assert meta["epoch"] == 0 and isinstance(meta["step"], int) and meta["step"] >= 2, meta
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_ddp_with_two_gloo_processes(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ from tests.e2e.test_jobs import (
     classify,
     finished,
     mid_epoch,
+    state_position,
     training_pids,
     wait_job,
 )
@@ -158,6 +159,10 @@ def test_server_stopped_then_killed_mid_job_interrupts_and_resumes(home: Path) -
         # (uvicorn re-raises the SIGTERM it handled once shutdown is complete)
         assert srv.terminate(timeout_s=30) in (0, -signal.SIGTERM)
         assert training_pids(run_dir) == []
+        # It saved where it stopped; its DataLoader workers did not crash it first.
+        assert state_position(run_dir) != (0, 0)
+        log = (run_dir / "train.log").read_text()
+        assert "DataLoader worker" not in log and "Traceback" not in log, log[-3000:]
     finally:
         srv.__exit__(None, None, None)
     srv = Server(home, **ENV).start()
