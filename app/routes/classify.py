@@ -33,8 +33,11 @@ from model.images import ImageError
 
 router = APIRouter(prefix="/v1", tags=["classify"])
 
+DEFAULT_TOP_K = 5
 TopK = Annotated[
-    int, Query(ge=1, le=1000, description="how many classes to return (1..num_classes)")
+    int | None,
+    Query(ge=1, le=1000, description="how many classes to return (1..num_classes); default "
+          "5, or every class when the model has fewer"),
 ]
 
 
@@ -73,12 +76,18 @@ def _model_ref(loaded: LoadedModel) -> ModelRef:
     return ModelRef(name=loaded.card.arch, version=loaded.version)
 
 
-def _check_top_k(loaded: LoadedModel, top_k: int) -> None:
-    if top_k > loaded.card.num_classes:
+def _top_k(loaded: LoadedModel, top_k: int | None) -> int:
+    """The default is 5, or every class of a model with fewer; an explicit top_k above
+    num_classes is the client's mistake (422)."""
+    n = loaded.card.num_classes
+    if top_k is None:
+        return min(DEFAULT_TOP_K, n)
+    if top_k > n:
         raise ValidationFailed(
-            f"top_k: must be at most {loaded.card.num_classes} for model {loaded.version}",
+            f"top_k: must be at most {n} for model {loaded.version}",
             details=[{"loc": ["query", "top_k"], "msg": "larger than num_classes"}],
         )
+    return top_k
 
 
 async def _admit(state: AppState, request: Request) -> None:
@@ -119,13 +128,13 @@ async def _classify_bytes(
     responses=responses(400, 413, 415, 422, 429, 500, 503, 504),
     openapi_extra=multipart_body("file", many=False),
 )
-async def classify(request: Request, state: StateDep, top_k: TopK = 5) -> ClassifyResponse:
+async def classify(request: Request, state: StateDep, top_k: TopK = None) -> ClassifyResponse:
     """Upload one image as the multipart field `file` (JPEG, PNG, WebP, GIF or BMP; the
     bytes decide, not the filename). Answers the top-k classes with softmax probabilities
     and the model version that answered."""
     deadline = asyncio.get_running_loop().time() + state.settings.request_timeout_s
     loaded = state.model
-    _check_top_k(loaded, top_k)
+    k = _top_k(loaded, top_k)
     await _admit(state, request)
     form = await read_form(request, max_files=1)
     try:
@@ -134,7 +143,7 @@ async def classify(request: Request, state: StateDep, top_k: TopK = 5) -> Classi
             raise ValidationFailed("file: a multipart file field named 'file' is required",
                                    details=[{"loc": ["body", "file"], "msg": "Field required"}])  # fmt: skip
         data = await read_upload(upload, state.settings.max_upload_bytes)
-        row = await _classify_bytes(state, request, loaded, data, top_k, deadline)
+        row = await _classify_bytes(state, request, loaded, data, k, deadline)
     finally:
         await form.close()
     return ClassifyResponse(model=_model_ref(loaded), predictions=_predictions(loaded, row))
@@ -148,12 +157,12 @@ async def classify(request: Request, state: StateDep, top_k: TopK = 5) -> Classi
     responses=responses(400, 413, 415, 422, 429, 503, 504),
     openapi_extra=multipart_body("files", many=True),
 )
-async def classify_batch(request: Request, state: StateDep, top_k: TopK = 5) -> BatchResponse:
+async def classify_batch(request: Request, state: StateDep, top_k: TopK = None) -> BatchResponse:
     """Upload up to `max_files` images as repeated multipart fields `files`. A bad file gets
     an `error` entry in its place and does not fail the others."""
     deadline = asyncio.get_running_loop().time() + state.settings.request_timeout_s
     loaded = state.model
-    _check_top_k(loaded, top_k)
+    k = _top_k(loaded, top_k)
     await _admit(state, request)
     form = await read_form(request, max_files=state.settings.max_files)
     try:
@@ -166,7 +175,7 @@ async def classify_batch(request: Request, state: StateDep, top_k: TopK = 5) -> 
             name = upload.filename or "file"
             try:
                 data = await read_upload(upload, state.settings.max_upload_bytes)
-                row = await _classify_bytes(state, request, loaded, data, top_k, deadline)
+                row = await _classify_bytes(state, request, loaded, data, k, deadline)
             except AppError as err:
                 # same label scheme as whole-request rejections (MetricsMiddleware): status
                 state.metrics.rejections.labels(str(err.status)).inc()

@@ -6,11 +6,13 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from model.checkpoint import ModelCard
-from tests.conftest import encode
+from tests.api.conftest import make_client, wait_ready
+from tests.conftest import encode, make_version
 
 
 def photo_bytes(path: Path) -> bytes:
@@ -129,7 +131,12 @@ def test_batch_answers_file_by_file(client: TestClient, jpeg_photos: list[Path])
     single = client.post(
         "/v1/classify?top_k=2", files={"file": ("g.jpg", photo_bytes(jpeg_photos[2]))}
     )
-    assert single.json()["predictions"] == results[2]["predictions"]
+    # (indices exactly; probabilities to bf16's rounding, which depends on the batch shape)
+    alone, batched = single.json()["predictions"], results[2]["predictions"]
+    assert [p["index"] for p in alone] == [p["index"] for p in batched]
+    assert [p["probability"] for p in alone] == pytest.approx(
+        [p["probability"] for p in batched], abs=2e-3
+    )
 
 
 def test_batch_limits(client: TestClient) -> None:
@@ -163,3 +170,27 @@ def test_gif_first_frame_webp_bmp(client: TestClient) -> None:
         Image.new("RGB", (90, 70), (0, 0, 200)).save(buf, format=fmt)
         r = client.post("/v1/classify", files={"file": ("x", buf.getvalue())})
         assert r.status_code == 200, (fmt, r.text)
+
+
+def test_a_model_with_fewer_than_five_classes(tmp_path: Path, jpeg_photos: list[Path]) -> None:
+    """The default top_k is 5, or every class when there are fewer; an explicit top_k past
+    num_classes stays a 422; a non-image still gets its own format error."""
+    home = tmp_path / "home"
+    card = make_version(home / "models", num_classes=4, activate=True)
+    photo = ("p.jpg", photo_bytes(jpeg_photos[0]))
+    with make_client(home) as c:
+        wait_ready(c)
+        r = c.post("/v1/classify", files={"file": photo})
+        assert r.status_code == 200, r.text
+        assert sorted(p["label"] for p in r.json()["predictions"]) == sorted(card.labels)
+        batch = c.post("/v1/classify/batch", files=[("files", photo), ("files", ("n.txt", b"hi"))])
+        assert batch.status_code == 200, batch.text
+        good, bad = batch.json()["results"]
+        assert len(good["predictions"]) == 4
+        assert bad["error"]["code"] == "unsupported_media_type"
+        assert_error(c.post("/v1/classify", files={"file": ("n.txt", b"hi")}), 415,
+                     "unsupported_media_type")  # fmt: skip
+        assert len(c.post("/v1/classify?top_k=2", files={"file": photo}).json()["predictions"]) == 2
+        err = assert_error(c.post("/v1/classify?top_k=5", files={"file": photo}), 422,
+                           "validation_error")  # fmt: skip
+        assert "at most 4" in str(err["message"])
