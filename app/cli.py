@@ -59,9 +59,15 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) on this node")
     p.add_argument(
+        "--base",
+        metavar="VERSION",
+        help="fine-tune from this version (or `active`): its weights, image size and "
+        "preprocessing unless given; the last layer is re-initialised when the classes differ",
+    )
+    p.add_argument(
         "--resume",
-        metavar="VERSION|PATH",
-        help="a run folder to continue exactly, or a version to fine-tune from",
+        metavar="RUN_DIR|VERSION",
+        help="a run folder to continue exactly (VERSION: the older spelling of --base)",
     )
     p.add_argument("--activate", action="store_true", help="make the new version active")
     p.add_argument("--run-dir", type=Path, help="where the run's state, plot and log go")
@@ -81,16 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     _train_options(sub.add_parser("train", help="train a model version"))
 
-    p = sub.add_parser("evaluate", help="loss, top-1 and top-5 of a version on a dataset")
+    p = sub.add_parser("evaluate", help="loss, top-1, per-class accuracy and confusion matrix")
     p.add_argument("model", metavar="VERSION|PATH")
     p.add_argument("--dataset", required=True)
+    p.add_argument("--split", choices=["all", "val", "holdout"],
+                   help="holdout (never trained on; default when the dataset has one), val "
+                        "(the version's validation split; the default otherwise) or all")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("predict", help="classify image files")
+    p = sub.add_parser("predict", help="classify image files and folders (recursively)")
     p.add_argument("model", metavar="VERSION|PATH")
-    p.add_argument("images", metavar="IMAGE", nargs="+", type=Path)
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files or folders")
+    p.add_argument("--top-k", type=int, help="default 5, or every class of a model with fewer")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("models", help="list versions or activate one")
@@ -144,51 +153,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import torch
+    from app.cli_predict import PredictError, run_predict
 
-    from model.checkpoint import load_version, resolve_version_dir
-    from model.device import resolve
-    from model.engine import for_inference, predict
-    from model.images import DecodeLimits, ImageError, read_image_file
-    from model.transforms import EvalTransform
-
-    s = _settings()
-    if args.top_k < 1:
-        raise CliError(f"--top-k must be at least 1, got {args.top_k}")
-    net, card = load_version(resolve_version_dir(s.models_dir, args.model))
-    model = for_inference(net, card.preprocessing, resolve(s.device, s.precision),
-                          channels_last=s.channels_last)  # fmt: skip
-    tf = EvalTransform(card.preprocessing)
-    limits = DecodeLimits(max_pixels=s.max_image_pixels, max_side=s.max_image_side)
-    results: list[dict[str, Any]] = []
-    inputs: list[tuple[int, torch.Tensor]] = []
-    for path in args.images:
-        results.append({"filename": path.name})
-        try:
-            img = read_image_file(path, limits=limits, min_side=card.preprocessing.min_side)
-            inputs.append((len(results) - 1, tf(img)))
-        except ImageError as exc:
-            results[-1]["error"] = {"code": exc.code, "message": str(exc)}
-    for start in range(0, len(inputs), 32):
-        chunk = inputs[start : start + 32]
-        top = predict(model, torch.stack([t for _, t in chunk]), args.top_k)
-        for (i, _), row in zip(chunk, top.rows(), strict=True):
-            results[i]["predictions"] = [
-                {"label": card.labels[idx], "index": idx, "probability": p} for idx, p in row
-            ]
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        for r in results:
-            if "error" in r:
-                continue
-            print(r["filename"])
-            for p in r["predictions"]:
-                print(f"  {p['probability']:7.2%}  {p['label']} ({p['index']})")
-    failed = [r for r in results if "error" in r]
-    for r in failed:
-        print(f"alexnet: error: {r['filename']}: {r['error']['message']}", file=sys.stderr)
-    return EXIT_ERROR if failed else 0
+    try:
+        return run_predict(args, _settings())
+    except PredictError as exc:
+        raise CliError(str(exc)) from exc
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -200,10 +170,13 @@ def cmd_models(args: argparse.Namespace) -> int:
             raise CliError("models activate needs a VERSION")
         load_version(_version_dir(s, args.version))  # validate fully before pointing at it
         write_active(s.models_dir, args.version)
+        servers = _servers_note(s, args.version)
         if args.json:
-            print(json.dumps({"active": args.version}))
+            print(json.dumps({"active": args.version, "servers": servers}))
         else:
             print(f"active version: {args.version}")
+            for srv in servers:
+                print(srv["note"])
         return 0
     active = read_active(s.models_dir)
     cards = list_cards(s.models_dir)
@@ -224,6 +197,24 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _servers_note(s: Any, version: str) -> list[dict[str, Any]]:
+    """What the servers running on this home will do about a new ACTIVE."""
+    from app.presence import live_servers
+
+    out = []
+    for srv in live_servers(s.home):
+        watch = float(srv.get("watch_active_s") or 0)
+        if watch > 0:
+            note = (f"a server using {s.home} (pid {srv['pid']}) follows ACTIVE: it serves "
+                    f"{version} within about {watch:g} s, once the version is loaded")  # fmt: skip
+        else:
+            note = (f"warning: a server using {s.home} (pid {srv['pid']}) does not follow ACTIVE "
+                    f"(ALEXNET_WATCH_ACTIVE_S=0) and keeps serving its version; restart it or "
+                    f"POST /admin/models/{version}/activate")  # fmt: skip
+        out.append({"pid": srv["pid"], "follows_active": watch > 0, "note": note})
+    return out
+
+
 def _version_dir(s: Any, ref: str) -> Path:
     from model.checkpoint import resolve_version_dir
 
@@ -235,8 +226,9 @@ def cmd_import_torchvision(args: argparse.Namespace) -> int:
     from model.pretrained import import_torchvision
 
     s = _settings()
-    card = import_torchvision(s.models_dir, weights_file=args.weights_file,
-                              parent=read_active(s.models_dir))  # fmt: skip
+    card = import_torchvision(
+        s.models_dir, weights_file=args.weights_file
+    )  # no parent: new weights
     activated = args.activate or read_active(s.models_dir) is None
     if activated:
         write_active(s.models_dir, card.version)
@@ -246,45 +238,9 @@ def cmd_import_torchvision(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from model.checkpoint import load_version
-    from model.data import ShardSampler, load_dataset, make_loader
-    from model.device import resolve
-    from model.engine import evaluate, for_inference
-    from model.transforms import EvalTransform
+    from app.cli_eval import run_evaluate
 
-    s = _settings()
-    net, card = load_version(_version_dir(s, args.model))
-    cfg = card.train_config or {}
-    same = card.dataset == args.dataset
-    bundle = load_dataset(
-        args.dataset,
-        data_dir=s.data_dir,
-        image_size=card.image_size,
-        val_split=cfg.get("val_split", 0.2) if same else 0.2,
-        seed=cfg.get("seed", 0) if same else 0,
-        pre=card.preprocessing,
-    )
-    if bundle.labels != card.labels:
-        raise CliError(
-            f"{args.dataset}'s labels ({', '.join(bundle.labels[:4])}...) are not the model's "
-            f"({', '.join(card.labels[:4])}...)"
-        )
-    split_name, ds = ("test", bundle.test) if bundle.test is not None else ("val", bundle.val)
-    placement = resolve(s.device, s.precision)
-    model = for_inference(net, card.preprocessing, placement, channels_last=s.channels_last)
-    loader = make_loader(ds, ShardSampler(len(ds), shuffle=False),  # type: ignore[arg-type]
-                         batch_size=args.batch_size, workers=0, pin_memory=False)  # fmt: skip
-    tf = EvalTransform(card.preprocessing)
-    res = evaluate(model, ((tf(x.to(placement.device)), y) for x, y in loader))
-    out = {"version": card.version, "dataset": args.dataset, "split": split_name,
-           "loss": res.loss, "top1": res.top1, "top5": res.top5, "count": res.count,
-           **placement.describe()}  # fmt: skip
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        print(f"{card.version} on {args.dataset} ({split_name}, {res.count} images): "
-              f"loss {res.loss:.4f}  top-1 {res.top1:.2%}  top-5 {res.top5:.2%}")  # fmt: skip
-    return 0
+    return run_evaluate(args, _settings())
 
 
 def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:

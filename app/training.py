@@ -18,7 +18,14 @@ from typing import IO, Any
 from app.jobs import set_parent_death_signal
 from app.settings import Settings
 from model.config import TrainConfig
-from model.trainer import STATE_FILE, DistContext, Event, Trainer, TrainingInterrupted
+from model.trainer import (
+    STATE_FILE,
+    DistContext,
+    Event,
+    Trainer,
+    TrainingInterrupted,
+    fine_tune_text,
+)
 
 EXIT_INTERRUPTED = 75
 _CONFIG_FIELDS = set(TrainConfig.model_fields)
@@ -57,6 +64,8 @@ class ProgressPrinter:
                 + (f", {ev['world']} processes" if ev["world"] > 1 else "")
                 + "\n"
             )
+            if ev.get("base"):
+                self.out.write(fine_tune_text(ev["base"], len(ev["labels"])) + "\n")
             for s in ev["skipped"]:
                 self.err.write(f"warning: skipped unreadable image {s}\n")
         elif kind == "step" and self.tty:
@@ -159,23 +168,25 @@ def run_train(args: argparse.Namespace, argv: Sequence[str], s: Settings) -> int
     set_parent_death_signal()  # a job's child must not outlive the service
     given = _given(args)
     resume_run: Path | None = None
-    init_from: Path | None = None
-    parent = read_active(s.models_dir)
     if args.resume:
         candidate = Path(args.resume)
         if candidate.is_file() and candidate.name == STATE_FILE:
             candidate = candidate.parent
         if (candidate / STATE_FILE).is_file():
             resume_run = candidate
-        else:
+        elif "base" in given:
+            raise TrainCliError("--resume VERSION is --base VERSION: give one of them")
+        else:  # `--resume VERSION`: the older spelling of --base
             try:
-                init_from = resolve_version_dir(s.models_dir, args.resume)
+                resolve_version_dir(s.models_dir, args.resume)
             except CheckpointError as exc:
                 raise TrainCliError(
                     f"--resume {args.resume}: neither a run folder with {STATE_FILE} "
                     "nor a model version"
                 ) from exc
-            parent = init_from.name
+            given["base"] = args.resume
+    if "base" in given and resume_run is None:
+        given.update(fine_tune_defaults(s.models_dir, given["base"], given))
     if resume_run is not None:
         base = Trainer.read_config(resume_run).model_dump()
         changed = {k for k, v in given.items() if k not in _RESUMABLE_OVERRIDES and base[k] != v}
@@ -208,7 +219,7 @@ def run_train(args: argparse.Namespace, argv: Sequence[str], s: Settings) -> int
 
     trainer = Trainer(
         cfg, data_dir=s.data_dir, models_dir=s.models_dir, run_dir=run_dir,
-        callback=callback, dist_ctx=dist_ctx, init_from=init_from, parent=parent,
+        callback=callback, dist_ctx=dist_ctx,
     )  # fmt: skip
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -243,6 +254,28 @@ def run_train(args: argparse.Namespace, argv: Sequence[str], s: Settings) -> int
         + (" - now active" if activated else "")
     )
     return 0
+
+
+def fine_tune_defaults(models_dir: Path, base: str, given: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tuning options taken from the base version: its name (`active` resolved, so the
+    run records what it really started from) and its image size unless one was given."""
+    from model.checkpoint import CheckpointError, read_card, resolve_version_dir
+
+    try:
+        path = resolve_version_dir(models_dir, base)
+        card = read_card(path)
+    except CheckpointError as exc:
+        raise TrainCliError(f"--base {base}: {exc}") from exc
+    if path.resolve().parent != models_dir.resolve():
+        raise TrainCliError(
+            f"--base {base}: a version outside {models_dir}; copy it into the model store first"
+        )
+    out: dict[str, Any] = {"base": card.version}
+    if "image_size" not in given:
+        out["image_size"] = card.image_size
+    if "arch" not in given:
+        out["arch"] = card.arch
+    return out
 
 
 def _default_run_dir(s: Settings) -> Path:

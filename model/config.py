@@ -54,6 +54,14 @@ class TrainConfig(BaseModel):
         None, description="random crop + flip; default: on for cifar10/imagefolder"
     )
     workers: int | None = Field(None, ge=0, le=64, description="DataLoader workers")
+    base: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="fine-tune from this model version (or `active`): its weights, and its "
+        "image size and preprocessing unless image_size is given; the last layer is "
+        "re-initialised when the number of classes differs. null: from scratch",
+        examples=[None, "20261127-031500-ab12"],
+    )
 
     @field_validator("dataset")
     @classmethod

@@ -31,6 +31,7 @@ from model.checkpoint import (
     atomic_write_bytes,
     check_state_dict,
     load_version,
+    read_card,
     save_version,
     weights_bytes,
 )
@@ -47,7 +48,7 @@ from model.device import DTYPES, Placement, resolve
 from model.engine import Classifier, EvalResult, autocast, evaluate
 from model.network import build_model
 from model.plots import loss_plot_png
-from model.transforms import EvalTransform
+from model.transforms import EvalTransform, Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -216,13 +217,14 @@ class Trainer:
         run_dir: Path,
         callback: Callback | None = None,
         dist_ctx: DistContext | None = None,
-        init_from: Path | None = None,
-        parent: str | None = None,
     ) -> None:
         self.cfg, self.data_dir, self.models_dir, self.run_dir = cfg, data_dir, models_dir, run_dir
         self.callback = callback
         self.dist = dist_ctx or DistContext()
-        self.init_from, self.parent = init_from, parent
+        # Lineage: `parent` is the version whose weights this run started from (the
+        # config's `base`); None for a run from scratch.
+        self.parent = cfg.base
+        self.base_card: ModelCard | None = None
         self._stop = False
         # True while state.safetensors' weights are the best epoch's, which spares writing
         # best.safetensors (228 MB) after every improving epoch.
@@ -250,30 +252,50 @@ class Trainer:
             placement = Placement(torch.device("cuda", self.dist.local_rank), placement.precision)
         return placement
 
-    def _build(self, bundle: DatasetBundle, placement: Placement) -> Classifier:
+    def _base_preprocessing(self) -> Preprocessing | None:
+        """A fine-tune keeps its base's preprocessing (mean, std, resize policy), at the
+        base's image size unless another was asked for."""
+        if self.cfg.base is None:
+            return None
+        try:
+            card = read_card(self.models_dir / self.cfg.base)
+        except CheckpointError as exc:
+            raise TrainingError(f"base version {self.cfg.base}: {exc}") from exc
+        if card.arch != self.cfg.arch:
+            raise TrainingError(
+                f"base version {card.version} is {card.arch}; this run is {self.cfg.arch}"
+            )
+        self.base_card = card
+        if card.image_size == self.cfg.image_size:
+            return card.preprocessing
+        return Preprocessing.for_size(self.cfg.image_size, mean=card.mean, std=card.std,
+                                      resize=card.resize)  # fmt: skip
+
+    def _build(
+        self, bundle: DatasetBundle, placement: Placement, *, resume: bool
+    ) -> tuple[Classifier, dict[str, Any] | None]:
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
         net = build_model(self.cfg.arch, num_classes=len(bundle.labels), init=self.cfg.init,
                           dropout=self.cfg.dropout)  # fmt: skip
-        if self.init_from is not None:
-            self._load_initial_weights(net, bundle)
+        base = None
+        if self.base_card is not None and not resume:  # (a resumed run's come from its state)
+            base = {"version": self.base_card.version, "classes": self.base_card.num_classes,
+                    "reinitialised": self._load_base_weights(net)}  # fmt: skip
         net = net.to(placement.device).to(memory_format=torch.channels_last)
-        return Classifier(net, bundle.pre, channels_last=True).to(placement.device)
+        return Classifier(net, bundle.pre, channels_last=True).to(placement.device), base
 
-    def _load_initial_weights(self, net: nn.Module, bundle: DatasetBundle) -> None:
-        """Fine-tune from a version: every tensor that fits; the last layer is re-initialised
-        when the number of classes differs."""
-        assert self.init_from is not None
-        src, card = load_version(self.init_from)
-        if card.arch != self.cfg.arch:
-            raise TrainingError(
-                f"--resume {card.version}: its arch is {card.arch}, not {self.cfg.arch}"
-            )
+    def _load_base_weights(self, net: nn.Module) -> list[str]:
+        """Fine-tune: every tensor of the base that fits; the last layer is re-initialised
+        when the number of classes differs. Returns the names of those re-initialised."""
+        assert self.cfg.base is not None
+        try:
+            src, _ = load_version(self.models_dir / self.cfg.base)
+        except CheckpointError as exc:
+            raise TrainingError(f"base version {self.cfg.base}: {exc}") from exc
         own = net.state_dict()
         fitting = {k: v for k, v in src.state_dict().items() if own[k].shape == v.shape}
         net.load_state_dict(fitting, strict=False)
-        dropped = sorted(set(own) - set(fitting))
-        if dropped:
-            log.info("fine-tuning %s: re-initialised %s", card.version, ", ".join(dropped))
+        return sorted(set(own) - set(fitting))
 
     # ------------------------------------------------------------------ state
 
@@ -331,7 +353,6 @@ class Trainer:
             "step_losses": self.step_losses,
             "dataset": {"spec": bundle.spec, "labels": bundle.labels, "split": bundle.split},
             "parent": self.parent,
-            "init_from": str(self.init_from) if self.init_from else None,
             "finished_version": finished,
             "best_in_state": self._best_in_state,
             "world": self.dist.world,
@@ -381,7 +402,6 @@ class Trainer:
         self.history = meta["history"]
         self.step_losses = meta["step_losses"]
         self._best_in_state = bool(meta.get("best_in_state"))
-        self.parent = meta.get("parent", self.parent)
         if meta.get("finished_version"):
             raise TrainingError(
                 f"{self.run_dir}: this run already finished as version {meta['finished_version']}"
@@ -420,8 +440,9 @@ class Trainer:
             image_size=cfg.image_size,
             val_split=cfg.val_split,
             seed=cfg.seed,
+            pre=self._base_preprocessing(),
         )
-        model = self._build(bundle, placement)
+        model, base = self._build(bundle, placement, resume=resume)
         train_model: nn.Module = model
         if self.dist.world > 1:
             train_model = nn.parallel.DistributedDataParallel(
@@ -490,7 +511,10 @@ class Trainer:
             steps_per_epoch=steps_per_epoch,
             resumed_from=(start_epoch + 1, start_step) if resume else None,
             world=self.dist.world,
+            base=base,
         )
+        if base is not None:
+            log.info("%s", fine_tune_text(base, len(bundle.labels)))
         log.info(
             "training %s on %s (%s), %s", cfg.arch, cfg.dataset, placement.describe(), bundle.split
         )
@@ -711,6 +735,16 @@ class Trainer:
         if card is None:
             raise CheckpointError("no version was written")
         return card
+
+
+def fine_tune_text(base: dict[str, Any], classes: int) -> str:
+    """ "fine-tuning from X; last layer re-initialised, 10 -> 4 classes" (or "all layers
+    kept")."""
+    text = f"fine-tuning from {base['version']}"
+    if base["reinitialised"]:
+        layers = "last layer" if len(base["reinitialised"]) <= 2 else "layers"
+        return f"{text}; {layers} re-initialised, {base['classes']} -> {classes} classes"
+    return f"{text}; all layers kept ({classes} classes)"
 
 
 def _to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from app.errors import (
 from app.jobs import LOG_FILE, PLOT_FILE, RESUMABLE, Job, JobRequest
 from app.schemas import ActivateResponse, JobList, JobOut
 from app.state import AppState, StateDep
-from model.checkpoint import CheckpointError
+from model.checkpoint import CheckpointError, read_card
 from model.data import DatasetError, resolve_dataset_dir, scan_imagefolder
 
 bearer = HTTPBearer(
@@ -83,6 +83,25 @@ def check_dataset(state: AppState, dataset: str) -> None:
         ) from exc
 
 
+def with_base(state: AppState, req: JobRequest) -> JobRequest:
+    """A fine-tune: `active` resolved to the version it names (the record says what the run
+    really started from), and the base's image size and arch unless given."""
+    assert req.base is not None
+    name = state.registry.active_version() if req.base == "active" else req.base
+    try:
+        card = read_card(state.registry.stored_version_dir(name or ""))
+    except CheckpointError as exc:
+        raise ValidationFailed(
+            f"base: no model version {req.base!r} to fine-tune from (GET /v1/models lists them)",
+            details=[{"loc": ["body", "base"], "msg": str(exc)}],
+        ) from exc
+    update: dict[str, Any] = {"base": card.version}
+    for field in ("image_size", "arch"):
+        if field not in req.model_fields_set:
+            update[field] = getattr(card, field)
+    return req.model_copy(update=update)
+
+
 @router.post(
     "/jobs", status_code=202, response_model=JobOut,
     summary="Start a training job (the `alexnet train` options, snake_case)",
@@ -93,6 +112,8 @@ def check_dataset(state: AppState, dataset: str) -> None:
 async def create_job(req: JobRequest, state: StateDep) -> JobOut:
     assert state.jobs is not None and state.runner is not None
     check_dataset(state, req.dataset)
+    if req.base is not None:
+        req = with_base(state, req)
     queued = state.jobs.count("queued")
     if queued >= state.settings.max_queued_jobs:
         raise Overloaded(f"{queued} jobs are already queued; retry when one has started",

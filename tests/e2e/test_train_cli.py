@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from model.checkpoint import list_cards, read_active
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, make_version, run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -175,3 +175,33 @@ def test_imagefolder_trains_and_reports_unreadable_files(tmp_path: Path) -> None
     assert "skipped unreadable image" in r.stderr and "broken.jpg" in r.stderr
     [card] = list_cards(home / "models")
     assert card.labels == ["blue", "red"] and card.dataset == "imagefolder:toy"
+    assert card.parent is None and card.train_config and card.train_config["base"] is None
+
+
+@pytest.mark.parametrize("spelling", ["--base", "--resume"])
+def test_fine_tune_keeps_the_base_preprocessing_and_records_lineage(
+    tmp_path: Path, spelling: str
+) -> None:
+    """A fine-tune starts from the base's weights at the base's image size and
+    preprocessing, says what it re-initialised, and records the base as its parent.
+    (`--resume VERSION` is the older spelling of `--base VERSION`.)"""
+    home = tmp_path / "home"
+    base = make_version(home / "models", num_classes=10, image_size=96, activate=True)
+    for cls, colour in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
+        d = home / "data" / "toy" / cls
+        d.mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (100 + i, 100), colour).save(d / f"{i}.png")
+    ref = "active" if spelling == "--base" else base.version
+    r = run_cli("train", "--dataset", "imagefolder:toy", "--epochs", "1", "--batch-size", "8",
+                "--precision", "fp32", "--device", "cpu", "--workers", "0", spelling, ref,
+                home=home, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (f"fine-tuning from {base.version}; last layer re-initialised, 10 -> 2 classes"
+            in r.stdout), r.stdout  # fmt: skip
+    [card] = [c for c in list_cards(home / "models") if c.version != base.version]
+    assert card.parent == base.version
+    assert card.train_config and card.train_config["base"] == base.version
+    # the base's image size and preprocessing, not the CLI's 224 default
+    assert (card.image_size, card.resize_size) == (base.image_size, base.resize_size)
+    assert (card.mean, card.std) == (base.mean, base.std)
