@@ -28,6 +28,7 @@ from app.intake import (
     Scope,
     Send,
 )
+from app.presence import announce, withdraw
 from app.routes import admin, classify, health, models
 from app.settings import Settings
 from app.state import AppState, build_state
@@ -91,8 +92,9 @@ async def _watch_active(state: AppState) -> None:
         try:
             active = state.registry.active_version()
             serving = state.registry.current.version if state.registry.current else None
-            if active is None or active in (serving, failed):
-                continue
+            busy = state.activation_lock.locked() or state.status in ("starting", "loading")
+            if active is None or active in (serving, failed) or busy:
+                continue  # (an activation in progress writes ACTIVE before it serves)
             log.info("ACTIVE changed to %s: activating it", active)
             await state.activate(active)
             failed = None
@@ -148,9 +150,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.tasks.append(asyncio.create_task(_startup(state), name="startup"))
         if settings.watch_active_s > 0:
             state.tasks.append(asyncio.create_task(_watch_active(state), name="watch-active"))
+        presence = announce(settings.home, watch_active_s=settings.watch_active_s)
         try:
             yield
         finally:
+            withdraw(presence)
             for task in state.tasks:
                 task.cancel()
             await state.runner.stop()

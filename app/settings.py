@@ -54,10 +54,11 @@ class Settings(BaseSettings):
     job_threads: int = Field(0, ge=0, le=1024)  # 0: all cores but one (at least one)
     job_nice: int = Field(10, ge=0, le=19)
     max_queued_jobs: int = Field(8, ge=1, le=10_000)
-    # Several replicas sharing one ALEXNET_HOME: exactly one runs jobs; the others follow
-    # ACTIVE on disk every `watch_active_s` seconds (0: off).
+    # Several replicas sharing one ALEXNET_HOME: exactly one runs jobs. Every server
+    # follows ACTIVE on disk every `watch_active_s` seconds (0: off), so what another
+    # replica or `alexnet models activate` makes active is served (a read of a small file).
     run_jobs: bool = True
-    watch_active_s: float = Field(0.0, ge=0, le=3600)
+    watch_active_s: float = Field(2.0, ge=0, le=3600)
     bootstrap: Literal["auto", "imagenet", "synthetic", "none"] = "auto"
     # The embedded default's training job (when ImageNet weights are unavailable): more
     # images or epochs buy accuracy with first-start time.
