@@ -18,6 +18,7 @@ from fastapi.routing import APIRoute
 from PIL import Image
 
 from app.bootstrap import bootstrap
+from app.docs import install_docs
 from app.errors import ValidationFailed, install_handlers
 from app.intake import (
     MULTIPART_OVERHEAD,
@@ -167,6 +168,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # app/docs.py serves /docs and /redoc without a CDN
+        redoc_url=None,
         dependencies=[Depends(reject_unknown_query)],
         openapi_tags=[
             {"name": "classify", "description": "Upload images, get top-k classes"},
@@ -180,6 +183,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(admin.router)
+    install_docs(app)
 
     page = resources.files("app").joinpath("static/index.html").read_text()
 

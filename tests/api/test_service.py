@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from app.state import AppState
 from model.checkpoint import ModelCard
@@ -80,6 +82,34 @@ def test_openapi_documents_errors_and_examples(client: TestClient) -> None:
             ok = op["responses"].get("200", {})
             has_example = "example" in str(ok) or "examples" in str(spec["components"])
             assert has_example, path
+
+
+def test_docs_pages_load_their_assets_from_this_server(client: TestClient) -> None:
+    # Swagger UI and ReDoc from the installed fastapi-offline package, not a CDN (the
+    # browser test in tests/e2e runs them with the network cut off).
+    for page, assets in {
+        "/docs": ["/static/docs/swagger-ui-bundle.js", "/static/docs/swagger-ui.css"],
+        "/redoc": ["/static/docs/redoc.standalone.js"],
+    }.items():
+        r = client.get(page)
+        assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+        assert "https://" not in r.text and "http://" not in r.text, page
+        assert "default-src 'self'" in r.headers["content-security-policy"]
+        for asset in assets:
+            assert asset in r.text
+            got = client.get(asset)
+            assert got.status_code == 200 and len(got.content) > 100_000, asset
+    assert client.get("/docs/oauth2-redirect").status_code == 200
+    assert_error(client.get("/static/docs/nope.js"), 404, "not_found")
+    assert not any(p.startswith(("/docs", "/redoc", "/static", "/favicon"))
+                   for p in client.get("/openapi.json").json()["paths"])  # fmt: skip
+
+
+def test_favicon_is_an_icon(client: TestClient) -> None:
+    r = client.get("/favicon.ico")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/x-icon"
+    with Image.open(io.BytesIO(r.content)) as icon:
+        assert icon.format == "ICO" and icon.size == (32, 32)
 
 
 def test_no_model_means_503_with_retry_after(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import make_version
@@ -99,9 +100,124 @@ def test_admin_section_trains_and_activates(tmp_path: Path, browser: object) -> 
         )
         assert new_version != old.version
         page.wait_for_selector(f"#versions tr[data-version='{new_version}'] >> text=serving")
+        page.wait_for_selector(f"text=model {new_version}")  # the header follows the job
         # Roll back with the button; the header follows the served version.
         page.click(f"#versions tr[data-version='{old.version}'] button.activate")
         page.wait_for_selector(f"#versions tr[data-version='{old.version}'] >> text=serving")
         page.wait_for_selector(f"text=model {old.version}")
         page.screenshot(path=str(tmp_path / "admin-section.png"), full_page=True)
+        page.close()
+
+
+def offline(page: object, srv: Server) -> list[str]:
+    """Abort every request the page makes to anywhere but the local server (as if the
+    machine had no network); the aborted URLs are collected in the returned list."""
+    outside: list[str] = []
+
+    def handle(route: object) -> None:
+        url = route.request.url  # type: ignore[attr-defined]
+        if url.startswith(srv.url + "/"):
+            route.continue_()  # type: ignore[attr-defined]
+        else:
+            outside.append(url)
+            route.abort()  # type: ignore[attr-defined]
+
+    page.route("**/*", handle)  # type: ignore[attr-defined]
+    return outside
+
+
+def test_docs_pages_work_offline_and_try_it_out_classifies(
+    tmp_path: Path, browser: object, jpeg_photos: list[Path]
+) -> None:
+    home = tmp_path / "home"
+    make_version(home / "models", activate=True)
+    with Server(home) as srv:
+        page = browser.new_page()  # type: ignore[attr-defined]
+        outside = offline(page, srv)
+        problems: list[str] = []  # uncaught errors, and what the page's CSP refused
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.goto(srv.url + "/docs")
+        op = page.locator("#operations-classify-classify_v1_classify_post")
+        op.locator(".opblock-summary").wait_for(timeout=30_000)
+        for summary in ("Classify one image", "Every version with its metrics",
+                        "Start a training job"):  # fmt: skip
+            assert page.get_by_text(summary).first.is_visible()
+        op.locator(".opblock-summary").click()
+        op.locator("button.try-out__btn").click()
+        op.locator("input[type=file]").set_input_files(str(jpeg_photos[0]))
+        op.locator("button.execute").click()
+        live = op.locator(".live-responses-table .response")
+        live.first.wait_for(timeout=30_000)
+        assert live.first.locator(".response-col_status").inner_text().strip() == "200"
+        assert '"predictions"' in live.first.locator(".response-col_description").inner_text()
+        page.screenshot(path=str(tmp_path / "docs.png"), full_page=True)
+
+        page.goto(srv.url + "/redoc")
+        # ReDoc's middle panel: one heading per operation, under its own summary.
+        page.get_by_role("heading", name="Classify one image").wait_for(timeout=30_000)
+        assert page.get_by_role("heading", name="Every version with its metrics").is_visible()
+        page.screenshot(path=str(tmp_path / "redoc.png"))
+        assert outside == []  # no CDN, no Google Fonts
+        # Only ReDoc's own CDN logo, refused by the docs pages' CSP before any request.
+        assert all("cdn.redoc.ly/redoc/logo-mini.svg" in p for p in problems), problems
+        page.close()
+
+
+def test_small_model_gets_every_class_and_non_images_a_placeholder(
+    tmp_path: Path, browser: object, jpeg_photos: list[Path]
+) -> None:
+    """A 4-class model: the page asks for the API's default top_k (not 5, which would be
+    a 422 for every file), and a text file shows its own error with no broken <img>."""
+    home = tmp_path / "home"
+    card = make_version(home / "models", num_classes=4, activate=True)
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    with Server(home) as srv:
+        page = browser.new_page()  # type: ignore[attr-defined]
+        outside = offline(page, srv)
+        page.goto(srv.url + "/")
+        page.wait_for_selector(f"text=model {card.version}")
+        page.set_input_files("#files", [str(jpeg_photos[0]), str(bad)])
+        page.wait_for_selector(".card.done", timeout=30_000)
+        page.wait_for_selector(".card.failed .thumb", timeout=30_000)
+        done = page.locator(".card.done")
+        assert done.locator(".row").count() == 4
+        error = page.locator(".card.failed .error").inner_text()
+        assert error.split(":")[0] in ("unsupported_media_type", "invalid_image"), error
+        assert "top_k" not in error
+        assert "notes.txt" in page.locator(".card.failed .thumb").inner_text()
+        page.wait_for_function("() => [...document.images].every(i => i.complete)")
+        widths = page.evaluate("() => [...document.images].map(i => i.naturalWidth)")
+        assert widths and 0 not in widths  # the photo's thumbnail, and no broken image
+        # The cards sit below the drop zone, which sits below the header: no overlap.
+        header = page.locator("header").bounding_box()
+        drop = page.locator("#drop").bounding_box()
+        first = page.locator(".card").first.bounding_box()
+        assert header and drop and first
+        assert header["y"] + header["height"] <= drop["y"]
+        assert drop["y"] + drop["height"] <= first["y"]
+        assert page.get_attribute("link[rel=icon]", "href") == "/favicon.ico"
+        assert outside == []
+        page.screenshot(path=str(tmp_path / "small-model.png"), full_page=True)
+        page.close()
+
+
+def test_header_follows_a_version_activated_elsewhere(tmp_path: Path, browser: object) -> None:
+    home = tmp_path / "home"
+    old = make_version(home / "models", activate=True)
+    new = make_version(home / "models", seed=1)
+    token = "browser-admin-token"
+    with Server(home, ALEXNET_ADMIN_TOKEN=token) as srv:
+        page = browser.new_page()  # type: ignore[attr-defined]
+        page.goto(srv.url + "/")
+        page.wait_for_selector(f"text=model {old.version}")
+        # The training form's default image size is the one that learns at a useful rate.
+        assert page.input_value("#job-form [name=image_size]") == "128"
+        # Another client (the CLI, a script, another tab) activates a version; the page
+        # has no admin token and never asked, yet its header follows within its poll.
+        r = httpx.post(f"{srv.url}/admin/models/{new.version}/activate",
+                       headers={"Authorization": f"Bearer {token}"}, timeout=60)  # fmt: skip
+        assert r.status_code == 200, r.text
+        page.wait_for_selector(f"text=model {new.version}", timeout=30_000)
         page.close()
