@@ -32,15 +32,25 @@ BOOTSTRAP_RECIPE: Final = JobRequest(
 
 async def import_imagenet(state: AppState, *, allow_download: bool) -> bool:
     """torchvision's ImageNet AlexNet from the torch hub cache (or a download)."""
-    if not allow_download and not cached_weights_path().is_file():
+    cached = cached_weights_path()
+    if not allow_download and not cached.is_file():
         return False
+    if cached.is_file():
+        log.info("bootstrap: importing torchvision's ImageNet AlexNet from %s", cached)
+    else:
+        log.info("bootstrap: no ImageNet weights in %s; trying to download them", cached)
     models_dir = state.settings.models_dir
     try:
         card = await asyncio.wait_for(asyncio.to_thread(import_torchvision, models_dir),
                                       DOWNLOAD_TIMEOUT_S)  # fmt: skip
-    except (CheckpointError, TimeoutError) as exc:
-        log.warning("ImageNet weights unavailable: %s", exc)
+    except TimeoutError:
+        log.warning("bootstrap: the ImageNet weights did not arrive within %.0f s",
+                    DOWNLOAD_TIMEOUT_S)  # fmt: skip
         return False
+    except CheckpointError as exc:
+        log.warning("bootstrap: ImageNet weights unavailable: %s", exc)
+        return False
+    log.info("bootstrap: imported torchvision's ImageNet AlexNet as version %s", card.version)
     loaded = await asyncio.to_thread(state.load, card.version)
     state.serve(loaded)
     return True
@@ -62,15 +72,21 @@ def start_synthetic_job(state: AppState) -> Job:
         "epochs": s.bootstrap_epochs or BOOTSTRAP_RECIPE.epochs})  # fmt: skip
     job = state.jobs.create(recipe, source="bootstrap")
     state.runner.wake()
-    log.info("no model: training the built-in synthetic model as job %s", job.id)
+    log.info("bootstrap: training the built-in model offline as job %s (%s, %d epochs at %d "
+             "px); it is served when it finishes, and GET /admin/jobs/%s shows its progress",
+             job.id, recipe.dataset, recipe.epochs, recipe.image_size, job.id)  # fmt: skip
     return job
 
 
 async def bootstrap(state: AppState) -> None:
     mode = state.settings.bootstrap
+    models_dir = state.settings.models_dir
     if mode == "none":
         state.status, state.status_detail = "no_model", "ALEXNET_BOOTSTRAP=none"
+        log.warning("no model version to serve in %s and ALEXNET_BOOTSTRAP=none: not ready "
+                    "until one is trained, imported or activated", models_dir)  # fmt: skip
         return
+    log.info("no model version to serve in %s: ALEXNET_BOOTSTRAP=%s", models_dir, mode)
     state.status = "bootstrapping"
     if mode in ("auto", "imagenet"):
         state.status_detail = "importing torchvision's ImageNet weights"
@@ -78,6 +94,8 @@ async def bootstrap(state: AppState) -> None:
             return
         if mode == "imagenet":
             state.status, state.status_detail = "no_model", "ImageNet weights unavailable"
+            log.warning("bootstrap: ALEXNET_BOOTSTRAP=imagenet and no ImageNet weights: "
+                        "not ready")  # fmt: skip
             return
     job = start_synthetic_job(state)
     state.bootstrap_job_id = job.id

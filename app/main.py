@@ -140,6 +140,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logging.basicConfig(level=settings.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+        # (`alexnet serve` has configured logging already, for its own warnings: our
+        # loggers still speak at ALEXNET_LOG_LEVEL)
+        for name in ("app", "model"):
+            logging.getLogger(name).setLevel(settings.log_level.upper())
         # Pillow's decompression-bomb warnings are errors, not log lines.
         warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
         state = build_state(settings)

@@ -84,10 +84,18 @@ class AppState:
                        warmup_batch_sizes=self.warmup_sizes())  # fmt: skip
 
     def serve(self, loaded: LoadedModel, *, persist: bool = True) -> None:
-        self.registry.swap(loaded, persist=persist)
+        previous = self.registry.swap(loaded, persist=persist)
         d = loaded.placement.describe()
         self.metrics.set_model(loaded.version, d["device"], d["precision"], loaded.compiled)
         self.status, self.status_detail = "ready", loaded.version
+        c = loaded.card
+        top1 = c.metrics.get("val_top1")
+        log.info("serving version %s (%s, %d classes at %d px%s, %s) on %s, %s%s%s",
+                 c.version, c.arch, c.num_classes, c.image_size,
+                 f", val top-1 {top1:.1%}" if isinstance(top1, float) else "",
+                 c.dataset or c.source, d["device"], d["precision"],
+                 ", compiled" if loaded.compiled else "",
+                 f"; was {previous.version}" if previous else "")  # fmt: skip
 
     async def activate(self, version: str) -> tuple[LoadedModel, LoadedModel | None]:
         """Load, validate and warm `version`, then swap it in between batches and persist
@@ -97,7 +105,6 @@ class AppState:
             loaded = await asyncio.to_thread(self.load, version)
             previous = self.registry.current
             self.serve(loaded)
-        log.info("activated %s (was %s)", version, previous.version if previous else None)
         return loaded, previous
 
     async def on_job_success(self, job: Job) -> None:
@@ -124,6 +131,9 @@ class AppState:
                 continue
             # Never rewrite ACTIVE at startup: if it is broken, we serve the newest good
             # version and GET /v1/models shows "active" and "serving" apart.
+            if version != self.registry.active_version():
+                log.warning("ACTIVE names %s, which does not load: serving %s instead",
+                            self.registry.active_version(), version)  # fmt: skip
             self.serve(loaded, persist=False)
             return True
         self.status = "no_model"

@@ -40,19 +40,33 @@ def load_torchvision_state(weights_file: Path | None = None) -> dict[str, torch.
         except Exception as exc:
             raise CheckpointError(f"{weights_file}: not a torch weights file ({exc})") from exc
     else:
-        try:
-            # Hash-checked against the digest in the file name, and tensors only.
-            state = torch.hub.load_state_dict_from_url(
-                WEIGHTS.url, map_location="cpu", progress=False, check_hash=True,
-                weights_only=True,
-            )  # fmt: skip
-        except Exception as exc:
-            raise CheckpointError(
-                f"could not download {WEIGHTS.url} ({exc}); place the file at "
-                f"{cached_weights_path()} or pass --weights-file PATH"
-            ) from exc
+        state = _download()
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{weights_file or WEIGHTS.url}: not a state dict of tensors")
+    return state
+
+
+def _download() -> dict[str, torch.Tensor]:
+    """Fetch the weights into torch hub's cache, hash-checked against the digest in the
+    file name, and read them as tensors only. (torch.hub's own loader prints a
+    "Downloading" line before it knows whether anything can be downloaded.)"""
+    dst = cached_weights_path()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    digest = torch.hub.HASH_REGEX.search(dst.name)
+    try:
+        torch.hub.download_url_to_file(
+            WEIGHTS.url, str(dst), digest.group(1) if digest else None, progress=False
+        )
+    except Exception as exc:
+        raise CheckpointError(
+            f"could not download {WEIGHTS.url} ({type(exc).__name__}: {exc}); place the file "
+            f"at {dst}, or import it with `alexnet import-torchvision --weights-file PATH`"
+        ) from exc
+    log.info("downloaded %s to %s", WEIGHTS.url, dst)
+    try:
+        state: dict[str, torch.Tensor] = torch.load(dst, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{dst}: not a torch weights file ({exc})") from exc
     return state
 
 

@@ -22,6 +22,7 @@ def test_offline_first_start_trains_the_builtin_model(
 ) -> None:
     env = {
         "ALEXNET_BOOTSTRAP": "auto",
+        "ALEXNET_LOG_LEVEL": "info",  # the first start's story is told at info
         "ALEXNET_ADMIN_TOKEN": TOKEN,
         # A smaller recipe than the default, to keep the suite short.
         "ALEXNET_BOOTSTRAP_DATASET": "synthetic:300",
@@ -62,7 +63,19 @@ def test_offline_first_start_trains_the_builtin_model(
         assert r.json()["model"]["version"] == done["result_version"]
         assert r.json()["predictions"][0]["label"] in {"circle", "triangle", "square", "star",
             "cross", "ring", "crescent", "stripes", "checkerboard", "dots"}  # fmt: skip
-    # A restart serves it at once: no second bootstrap job.
+        # The log says what happened, in words, and nothing misleading.
+        log = srv.log.read_text()
+        version = done["result_version"]
+        assert "no model version to serve" in log and "ALEXNET_BOOTSTRAP=auto" in log, log
+        assert "ImageNet weights unavailable" in log
+        assert f"training the built-in model offline as job {job['id']}" in log
+        assert f"job {job['id']}: epoch 1/1" in log
+        [served] = [ln for ln in log.splitlines() if f"serving version {version} (" in ln]
+        assert " on " in served and ("bf16" in served or "fp32" in served), served
+        assert "--weights-file" not in log.replace("import-torchvision --weights-file", "")
+        assert "Downloading" not in log and "Traceback" not in log
+    # A restart serves it at once (no second bootstrap job) and says what it serves.
     with Server(home, **env) as srv:
         jobs = httpx.get(srv.url + "/admin/jobs", headers=auth, timeout=10).json()["jobs"]
         assert len(jobs) == 1
+        assert srv.log.read_text().count(f"serving version {version}") == 2
