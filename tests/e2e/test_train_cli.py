@@ -24,7 +24,7 @@ FAST = ["--image-size", "64", "--precision", "fp32", "--device", "cpu", "--worke
 
 def test_a_short_synthetic_run_learns(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    r = run_cli("train", "--dataset", "synthetic:1200", "--epochs", "8", "--batch-size", "32",
+    r = run_cli("train", "--dataset", "synthetic:1200", "--epochs", "8", "--batch-size", "32", "--precision", "fp32", "--device", "cpu",
                 "--dropout", "0", "--image-size", "64", "--workers", "0", home=home, timeout=900)  # fmt: skip
     assert r.returncode == 0, r.stderr
     lines = [line for line in r.stdout.splitlines() if line.startswith("epoch")]
