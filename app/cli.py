@@ -1,4 +1,4 @@
-"""The `alexnet` command: serve, train, evaluate, predict, models, import-torchvision.
+"""The `alexnet` command: serve, train, evaluate, predict, models, gc, import-torchvision.
 
 Exit status: 0 success, 1 a runtime error (one line on stderr), 2 bad usage,
 75 training interrupted with its resumable state saved (resume with --resume RUN_DIR).
@@ -102,9 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, help="default 5, or every class of a model with fewer")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("models", help="list versions or activate one")
-    p.add_argument("action", nargs="?", choices=["list", "activate"], default="list")
+    p = sub.add_parser("models", help="list versions, activate or delete one")
+    p.add_argument("action", nargs="?", choices=["list", "activate", "delete"], default="list")
     p.add_argument("version", nargs="?")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("gc", help="report and free disk space nothing needs")
+    p.add_argument("--dry-run", action="store_true", help="report only")
+    p.add_argument("--keep-versions", type=int, metavar="N",
+                   help="also delete versions older than the newest N that nothing uses")  # fmt: skip
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("import-torchvision", help="import torchvision's ImageNet weights")
@@ -162,9 +168,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from app.storage import tree_bytes
     from model.checkpoint import list_cards, load_version, read_active, write_active
 
     s = _settings()
+    if args.action == "delete":
+        return _delete_version(s, args)
     if args.action == "activate":
         if not args.version:
             raise CliError("models activate needs a VERSION")
@@ -181,19 +190,81 @@ def cmd_models(args: argparse.Namespace) -> int:
     active = read_active(s.models_dir)
     cards = list_cards(s.models_dir)
     if args.json:
-        versions = [{**c.summary(), "active": c.version == active} for c in cards]
+        versions = [{**c.summary(), "size_bytes": tree_bytes(s.models_dir / c.version),
+                     "active": c.version == active} for c in cards]  # fmt: skip
         print(json.dumps({"active": active, "versions": versions}, indent=2))
         return 0
     if not cards:
         print(f"no model versions in {s.models_dir}")
         return 0
-    print(f"  {'VERSION':<22} {'ARCH':<14} {'CLASSES':>7} {'TOP-1':>7}  {'DATASET':<20} CREATED")
+    print(f"  {'VERSION':<22} {'ARCH':<14} {'CLASSES':>7} {'TOP-1':>7} {'SIZE':>9}  "
+          f"{'DATASET':<20} CREATED")  # fmt: skip
     for c in cards:
         top1 = c.metrics.get("val_top1")
         top1_s = f"{top1:.1%}" if isinstance(top1, float) else "-"
         mark = "*" if c.version == active else " "
-        print(f"{mark} {c.version:<22} {c.arch:<14} {c.num_classes:>7} {top1_s:>7}  "
-              f"{(c.dataset or '-'):<20} {c.created_at}")  # fmt: skip
+        size = tree_bytes(s.models_dir / c.version) / 1e6
+        print(f"{mark} {c.version:<22} {c.arch:<14} {c.num_classes:>7} {top1_s:>7} "
+              f"{size:>6.0f} MB  {(c.dataset or '-'):<20} {c.created_at}")  # fmt: skip
+    return 0
+
+
+def _delete_version(s: Any, args: argparse.Namespace) -> int:
+    from app.jobs import JobStore
+    from app.presence import serving_versions
+    from app.storage import InUse, delete_version
+
+    if not args.version:
+        raise CliError("models delete needs a VERSION")
+    jobs = JobStore(s.db_path)
+    try:
+        freed = delete_version(args.version, models_dir=s.models_dir, jobs=jobs,
+                               serving=serving_versions(s.home))  # fmt: skip
+    except InUse as exc:
+        raise CliError(str(exc)) from exc
+    finally:
+        jobs.close()
+    if args.json:
+        print(json.dumps({"deleted": args.version, "freed_bytes": freed}))
+    else:
+        print(f"deleted version {args.version}: {_mb(freed)} freed")
+    return 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from app.jobs import JobStore
+    from app.presence import serving_versions
+    from app.storage import as_dicts, collect, free
+
+    s = _settings()
+    if args.keep_versions is not None and args.keep_versions < 0:
+        raise CliError(f"--keep-versions must be at least 0, got {args.keep_versions}")
+    jobs = JobStore(s.db_path)
+    try:
+        serving = serving_versions(s.home)
+        items = collect(home=s.home, jobs=jobs, serving=serving, keep_failed=s.keep_job_state,
+                        keep_versions=args.keep_versions)  # fmt: skip
+        freed = 0 if args.dry_run else free(items, home=s.home, jobs=jobs, serving=serving)
+    finally:
+        jobs.close()
+    total = sum(i.bytes for i in items)
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, "items": as_dicts(items),
+                          "reclaimable_bytes": total, "freed_bytes": freed}, indent=2))  # fmt: skip
+        return 0
+    if not items:
+        print(f"nothing to free in {s.home}")
+        return 0
+    for i in items:
+        print(f"  {_mb(i.bytes):>12}  {i.kind:<12} {i.name}  ({i.why})")
+    if args.dry_run:
+        print(f"{_mb(total)} can be freed (dry run: nothing deleted)")
+    else:
+        print(f"freed {_mb(freed)}")
     return 0
 
 
@@ -279,6 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_predict(args)
         if args.command == "models":
             return cmd_models(args)
+        if args.command == "gc":
+            return cmd_gc(args)
         return cmd_import_torchvision(args)
     except (CliError, CheckpointError, DatasetError, DeviceError, TrainingError) as exc:
         print(f"alexnet: error: {exc}", file=sys.stderr)

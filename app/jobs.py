@@ -97,6 +97,7 @@ class Job:
     attempts: int = 0
     cancel_requested: bool = False
     resume: bool = False  # the next run continues the saved state
+    purged_at: float | None = None  # when its resumable state was deleted
 
     def public(self) -> dict[str, Any]:
         return {
@@ -124,6 +125,7 @@ class Job:
             "activation": self.activation,
             "error": self.error,
             "attempts": self.attempts,
+            "state_purged": self.purged_at is not None,
         }
 
 
@@ -157,7 +159,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     pid INTEGER,
     attempts INTEGER NOT NULL DEFAULT 0,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
-    resume INTEGER NOT NULL DEFAULT 0
+    resume INTEGER NOT NULL DEFAULT 0,
+    purged_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 """
@@ -177,6 +180,10 @@ class JobStore:
             db.execute("PRAGMA journal_mode=WAL")
         with self._tx() as db:
             db.executescript(_SCHEMA)
+            # Databases made before a column existed get it (each ALTER is one statement).
+            have = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
+            if "purged_at" not in have:
+                db.execute("ALTER TABLE jobs ADD COLUMN purged_at REAL")
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -354,8 +361,9 @@ class JobRunner:
 
     def __init__(self, store: JobStore, jobs_dir: Path, home: Path, *, threads: int,
                  nice: int, on_success: OnSuccess | None = None,
-                 stop_timeout_s: float = 8.0) -> None:  # fmt: skip
+                 stop_timeout_s: float = 8.0, keep_job_state: int = -1) -> None:  # fmt: skip
         self.store, self.jobs_dir, self.home = store, jobs_dir, home
+        self.keep_job_state = keep_job_state
         self.threads, self.nice = threads, nice
         self.on_success = on_success
         self.stop_timeout_s = stop_timeout_s
@@ -372,6 +380,7 @@ class JobRunner:
 
     def start(self) -> None:
         self.recover()
+        self.retain()
         self._task = asyncio.create_task(self._loop(), name="job-runner")
 
     def wake(self) -> None:
@@ -581,6 +590,17 @@ class JobRunner:
                 error=f"{_exit_text(rc)}: {reason}" if reason else _exit_text(rc),
             )
             log.warning("job %s failed (%s)", job.id, _exit_text(rc))
+        self.retain()
+
+    def retain(self) -> None:
+        """Apply ALEXNET_KEEP_JOB_STATE to the finished jobs' run state (app/storage.py)."""
+        from app.storage import retain_job_state  # (storage builds on this module)
+
+        try:
+            retain_job_state(jobs=self.store, jobs_dir=self.jobs_dir,
+                             keep_failed=self.keep_job_state)  # fmt: skip
+        except OSError as exc:
+            log.warning("job state retention: %s", exc)
 
 
 def _log_event(job: Job, ev: dict[str, Any]) -> None:

@@ -152,14 +152,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         assert state.runner is not None and state.jobs is not None
         if settings.run_jobs:
             state.runner.start()
+        state.presence = announce(settings.home, watch_active_s=settings.watch_active_s)
         state.tasks.append(asyncio.create_task(_startup(state), name="startup"))
         if settings.watch_active_s > 0:
             state.tasks.append(asyncio.create_task(_watch_active(state), name="watch-active"))
-        presence = announce(settings.home, watch_active_s=settings.watch_active_s)
         try:
             yield
         finally:
-            withdraw(presence)
+            withdraw(state.presence)
             for task in state.tasks:
                 task.cancel()
             await state.runner.stop()

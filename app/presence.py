@@ -1,6 +1,7 @@
 """Which servers use an ALEXNET_HOME: each running service leaves a small file under
-`$ALEXNET_HOME/servers/`, so a CLI command that changes what is served (`alexnet models
-activate`) can say whether a server will follow it."""
+`$ALEXNET_HOME/servers/` (its pid, whether it follows ACTIVE, the version it serves), so a
+CLI command can say whether a server will follow a new ACTIVE (`alexnet models activate`)
+and never deletes what one is serving (`alexnet models delete`, `alexnet gc`)."""
 
 from __future__ import annotations
 
@@ -33,9 +34,25 @@ def announce(home: Path, *, watch_active_s: float) -> Path:
     pid = os.getpid()
     path = folder / f"{pid}.json"
     record = {"pid": pid, "start_ticks": _start_ticks(pid), "started_at": time.time(),
-              "watch_active_s": watch_active_s}  # fmt: skip
+              "watch_active_s": watch_active_s, "serving": None}  # fmt: skip
     atomic_write_bytes(path, json.dumps(record).encode())
     return path
+
+
+def update(path: Path, **fields: Any) -> None:
+    """Change this server's record (e.g. `serving=version` after a swap)."""
+    try:
+        record = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return
+    record.update(fields)
+    with contextlib.suppress(OSError):
+        atomic_write_bytes(path, json.dumps(record).encode())
+
+
+def serving_versions(home: Path) -> set[str]:
+    """The versions the live servers of `home` are serving."""
+    return {str(r["serving"]) for r in live_servers(home) if r.get("serving")}
 
 
 def withdraw(path: Path) -> None:

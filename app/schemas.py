@@ -63,8 +63,14 @@ class VersionSummary(BaseModel):
     parent: str | None
     created_at: str
     metrics: dict[str, Any]
+    size_bytes: int = Field(description="bytes on disk (weights and model.json)")
     active: bool
     serving: bool
+
+
+class DeletedVersion(BaseModel):
+    deleted: str = Field(examples=["20261127-031500-ab12"])
+    freed_bytes: int = Field(examples=[228_405_912])
 
 
 class ModelsResponse(BaseModel):
@@ -126,6 +132,9 @@ class JobOut(BaseModel):
     activation: str | None = Field(description="why the result was or was not activated")
     error: str | None
     attempts: int = Field(description="how many times a process ran it (resumes count)")
+    state_purged: bool = Field(
+        False, description="its resumable state was deleted (purge, or ALEXNET_KEEP_JOB_STATE)"
+    )
 
     model_config = {"json_schema_extra": {"examples": [{
         "id": "3f2a9c1b7d4e", "status": "running", "source": "api",
@@ -137,7 +146,7 @@ class JobOut(BaseModel):
         "history": [{"epoch": 1, "train_loss": 2.21, "val_loss": 1.91, "val_top1": 0.21,
                      "val_top5": 0.83, "lr": 0.01}],
         "result_version": None, "metrics": None, "activated": False, "activation": None,
-        "error": None, "attempts": 1}]}}  # fmt: skip
+        "error": None, "attempts": 1, "state_purged": False}]}}  # fmt: skip
 
 
 class JobList(BaseModel):

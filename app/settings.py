@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     job_threads: int = Field(0, ge=0, le=1024)  # 0: all cores but one (at least one)
     job_nice: int = Field(10, ge=0, le=19)
     max_queued_jobs: int = Field(8, ge=1, le=10_000)
+    # Finished jobs' run state (state.safetensors + best.safetensors, ~650 MB at 224 px): a
+    # succeeded job's is deleted (that run can never continue); the newest N failed jobs
+    # keep theirs (for `alexnet train --resume` by hand); -1 keeps every one. Interrupted
+    # and cancelled jobs keep theirs: they can resume.
+    keep_job_state: int = Field(1, ge=-1, le=100_000)
     # Several replicas sharing one ALEXNET_HOME: exactly one runs jobs. Every server
     # follows ACTIVE on disk every `watch_active_s` seconds (0: off), so what another
     # replica or `alexnet models activate` makes active is served (a read of a small file).

@@ -8,11 +8,13 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 
 import torch
 from fastapi import Depends, Request
 
+from app import presence
 from app.batching import BatchStats, MicroBatcher, Row
 from app.errors import ModelNotReady
 from app.intake import Decoder
@@ -43,6 +45,7 @@ class AppState:
     runner: JobRunner | None = None
     bootstrap_job_id: str | None = None
     activation_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    presence: Path | None = None  # this server's record under $ALEXNET_HOME/servers/
 
     @property
     def model(self) -> LoadedModel:
@@ -88,6 +91,8 @@ class AppState:
         d = loaded.placement.describe()
         self.metrics.set_model(loaded.version, d["device"], d["precision"], loaded.compiled)
         self.status, self.status_detail = "ready", loaded.version
+        if self.presence is not None:
+            presence.update(self.presence, serving=loaded.version)
         c = loaded.card
         top1 = c.metrics.get("val_top1")
         log.info("serving version %s (%s, %d classes at %d px%s, %s) on %s, %s%s%s",
@@ -194,6 +199,7 @@ def build_state(settings: Settings) -> AppState:
         state.jobs, settings.jobs_dir, settings.home,
         threads=settings.effective_job_threads, nice=settings.job_nice,
         on_success=state.on_job_success, stop_timeout_s=settings.shutdown_timeout_s,
+        keep_job_state=settings.keep_job_state,
     )  # fmt: skip
     return state
 

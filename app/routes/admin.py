@@ -19,8 +19,10 @@ from app.errors import (
     responses,
 )
 from app.jobs import LOG_FILE, PLOT_FILE, RESUMABLE, Job, JobRequest
-from app.schemas import ActivateResponse, JobList, JobOut
+from app.presence import serving_versions
+from app.schemas import ActivateResponse, DeletedVersion, JobList, JobOut
 from app.state import AppState, StateDep
+from app.storage import InUse, delete_version, purge_job
 from model.checkpoint import CheckpointError, read_card
 from model.data import DatasetError, resolve_dataset_dir, scan_imagefolder
 
@@ -170,13 +172,26 @@ async def job_log(
     return PlainTextResponse(data.decode(errors="replace"))
 
 
-@router.delete("/jobs/{job_id}", response_model=JobOut, summary="Cancel a job",
+@router.delete("/jobs/{job_id}", response_model=JobOut, summary="Cancel a job, or purge "
+               "a finished job's state",
                description="A queued job is cancelled at once. A running one finishes its "
-               "step, saves its state (resumable) and is cancelled when its process exits.",
+               "step, saves its state (resumable) and is cancelled when its process exits. "
+               "With `purge=true`, a job that is not queued or running has its resumable "
+               "state deleted (~650 MB at 224 px; the record, log and loss plot stay); a "
+               "purged cancelled or interrupted job can no longer resume.",
                responses=responses(404, 409))  # fmt: skip
-async def cancel_job(job_id: JobId, state: StateDep) -> JobOut:
-    assert state.runner is not None
+async def cancel_job(
+    job_id: JobId, state: StateDep,
+    purge: Annotated[bool, Query(description="delete a finished job's resumable state")] = False,
+) -> JobOut:  # fmt: skip
+    assert state.runner is not None and state.jobs is not None
     job = _job_or_404(state, job_id)
+    if purge:
+        try:
+            purge_job(job, jobs=state.jobs, jobs_dir=state.settings.jobs_dir)
+        except InUse as exc:
+            raise Conflict(str(exc)) from exc
+        return _out(_job_or_404(state, job_id))
     if job.status in ("succeeded", "failed"):
         raise Conflict(f"job {job_id} is {job.status}; only queued or running jobs cancel")
     if job.status == "interrupted":
@@ -195,6 +210,8 @@ async def resume_job(job_id: JobId, state: StateDep) -> JobOut:
     job = _job_or_404(state, job_id)
     if job.status not in RESUMABLE:
         raise Conflict(f"job {job_id} is {job.status}; only interrupted or cancelled jobs resume")
+    if job.purged_at is not None:
+        raise Conflict(f"job {job_id}'s resumable state was deleted; start a new job instead")
     if state.jobs.count("queued") >= state.settings.max_queued_jobs:
         raise Overloaded("the job queue is full; retry when one has started", retry_after_s=60)
     if not state.runner.requeue(job_id):
@@ -225,3 +242,29 @@ async def activate_version(
     return ActivateResponse(
         active=loaded.version, previous=previous.version if previous else None, model=info
     )
+
+
+@router.delete(
+    "/models/{version}", response_model=DeletedVersion,
+    summary="Delete a stored version that nothing needs",
+    description="Refused (409) for the ACTIVE version, a version a server is serving, and "
+    "the base of a queued, running or resumable job. The folder is renamed away before it "
+    "is removed, so a crash never leaves a half-deleted version.",
+    responses=responses(404, 409),
+)  # fmt: skip
+async def delete_model(
+    version: Annotated[str, Path(examples=["20261127-031500-ab12"])], state: StateDep
+) -> DeletedVersion:
+    assert state.jobs is not None
+    serving = serving_versions(state.settings.home)
+    if state.registry.current is not None:
+        serving.add(state.registry.current.version)
+    async with state.activation_lock:  # not while a swap may be loading it
+        try:
+            freed = delete_version(version, models_dir=state.registry.models_dir,
+                                   jobs=state.jobs, serving=serving)  # fmt: skip
+        except CheckpointError as exc:
+            raise NotFound(f"no model version {version!r}") from exc
+        except InUse as exc:
+            raise Conflict(str(exc)) from exc
+    return DeletedVersion(deleted=version, freed_bytes=freed)

@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from app.errors import responses
 from app.schemas import ModelsResponse, VersionSummary
 from app.state import StateDep
+from app.storage import tree_bytes
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -17,8 +18,14 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 async def list_models(state: StateDep) -> ModelsResponse:
     active = state.registry.active_version()
     serving = state.registry.current.version if state.registry.current else None
+    models_dir = state.registry.models_dir
     versions = [
-        VersionSummary(**c.summary(), active=c.version == active, serving=c.version == serving)
+        VersionSummary(
+            **c.summary(),
+            size_bytes=tree_bytes(models_dir / c.version),
+            active=c.version == active,
+            serving=c.version == serving,
+        )
         for c in state.registry.cards()
     ]
     return ModelsResponse(active=active, serving=serving, versions=versions)

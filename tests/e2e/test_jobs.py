@@ -124,6 +124,10 @@ def test_job_runs_registers_and_activates(server: Server, jpeg_photos: list[Path
     assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
     assert "saved version" in api(server, "GET", f"/admin/jobs/{job['id']}/log").text
     assert (server.home / "jobs" / job["id"] / "events.jsonl").is_file()
+    # Retention (ALEXNET_KEEP_JOB_STATE): a succeeded run can never continue, so its
+    # ~460 MB of resumable state goes; the record, log, events and plot stay.
+    wait_job(server, job["id"], lambda j: j["state_purged"])
+    assert not (server.home / "jobs" / job["id"] / "state.safetensors").exists()
 
 
 def test_queue_cancel_queued_and_running_then_resume(server: Server) -> None:
