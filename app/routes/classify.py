@@ -36,8 +36,12 @@ router = APIRouter(prefix="/v1", tags=["classify"])
 DEFAULT_TOP_K = 5
 TopK = Annotated[
     int | None,
-    Query(ge=1, le=1000, description="how many classes to return (1..num_classes); default "
-          "5, or every class when the model has fewer"),
+    Query(
+        ge=1,
+        le=1000,
+        description="how many classes to return (1..num_classes); default "
+        "5, or every class when the model has fewer",
+    ),
 ]
 
 
