@@ -80,14 +80,22 @@ def test_admin_section_trains_and_activates(tmp_path: Path, browser: object) -> 
         page.fill("#token", token)
         page.click("#token-form button")
         page.wait_for_selector(f"#versions tr[data-version='{old.version}'] >> text=serving")
-        for name, value in {"dataset": "synthetic:160", "epochs": "2", "image_size": "64",
-                            "batch_size": "16"}.items():  # fmt: skip
-            page.fill(f"#job-form [name={name}]", value)
-        page.select_option("#job-form [name=activate]", "always")
-        page.click("#job-form button")
-        page.wait_for_selector("#admin-msg >> text=queued")
-        # Live progress while it runs, then the result, its loss plot and the new version.
+
+        def start(fields: dict[str, str]) -> None:
+            for name, value in fields.items():
+                page.fill(f"#job-form [name={name}]", value)
+            page.select_option("#job-form [name=activate]", "always")
+            page.click("#job-form button")
+            page.wait_for_selector("#admin-msg >> text=queued")
+
+        # Live progress while a job runs (one long enough to be seen running on any
+        # machine), and its Cancel button.
+        start({"dataset": "synthetic:4000", "epochs": "3", "image_size": "64", "batch_size": "16"})
         page.wait_for_selector("#jobs tr[data-status=running] progress", timeout=60_000)
+        page.click("#jobs tr[data-status=running] button.cancel")
+        page.wait_for_selector("#jobs tr[data-status=cancelled] button.resume", timeout=60_000)
+        # A short job to the end: the result, its loss plot and the new version.
+        start({"dataset": "synthetic:160", "epochs": "2", "image_size": "64", "batch_size": "16"})
         page.wait_for_selector("#jobs tr[data-status=succeeded]", timeout=120_000)
         page.wait_for_function(
             "() => [...document.querySelectorAll('#jobs img.losses')].some(i => i.naturalWidth > 0)",

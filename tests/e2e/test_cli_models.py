@@ -45,7 +45,7 @@ def test_import_torchvision_then_predict_matches_torchvision(
 
     photos = png_photos[:4]
     r = run_cli("predict", "active", *map(str, photos), "--json", home=home,
-                env={"ALEXNET_PRECISION": "fp32"})  # fmt: skip
+                env={"ALEXNET_PRECISION": "fp32", "ALEXNET_DEVICE": "cpu"})  # fmt: skip
     assert r.returncode == 0, r.stderr
     served = json.loads(r.stdout)
     categories = AlexNet_Weights.IMAGENET1K_V1.meta["categories"]
