@@ -373,6 +373,46 @@ def remove_partial_saves(folder: Path, *, writer: str | None = None,
     return n
 
 
+RUN_LOCK_FILE: Final = "run.lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Held by the process training in `run_dir` (an advisory lock the kernel drops when the
+    process dies), so nothing deletes a run's state under it and no second process trains
+    in the same folder."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / RUN_LOCK_FILE, "a+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise CheckpointError(
+                f"{run_dir}: another process is training in this run folder"
+            ) from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def run_in_use(run_dir: Path) -> bool:
+    """Whether a live process holds `run_lock(run_dir)`."""
+    import fcntl
+
+    path = run_dir / RUN_LOCK_FILE
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return False
+
+
 def read_active(models_dir: Path) -> str | None:
     try:
         name = (models_dir / ACTIVE_FILE).read_text().strip()

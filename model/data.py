@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import torch
@@ -267,13 +268,32 @@ def make_loader(
     )
 
 
+_STOP_SIGNALS: Final = {signal.SIGTERM, signal.SIGINT}
+
+
 def _worker_ignores_stop_signals(_worker_id: int) -> None:
     """Stopping is the trainer's job: it finishes its step, saves and then shuts its
     workers down itself. A worker that died of a SIGTERM or Ctrl-C sent to the whole
     process group (a job runner, a terminal) would instead fail the run with "DataLoader
-    worker is killed by signal" before the state is saved."""
+    worker is killed by signal" before the state is saved. (The signals arrive blocked,
+    see `batches`; one sent meanwhile is pending, and discarded once ignored.)"""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def batches(loader: DataLoader[tuple[torch.Tensor, int]]) -> Iterator[Any]:
+    """`iter(loader)`, with SIGTERM and SIGINT blocked while its workers are forked, so no
+    signal lands between a worker's start and its `worker_init_fn` (where torch's own
+    handler would still kill it). The trainer gets a signal sent meanwhile right after.
+    Yields the loader's batches: (images (B, 3, H, W) uint8, labels (B,))."""
+    if loader.num_workers == 0 or threading.current_thread() is not threading.main_thread():
+        return iter(loader)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def default_workers() -> int:

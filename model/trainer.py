@@ -8,6 +8,7 @@ best epoch saved as a model version, and structured progress events.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from model.checkpoint import (
     check_state_dict,
     load_version,
     read_card,
+    run_lock,
     save_version,
     weights_bytes,
 )
@@ -40,6 +42,7 @@ from model.data import (
     DatasetBundle,
     ShardSampler,
     TrainAugment,
+    batches,
     default_workers,
     load_dataset,
     make_loader,
@@ -271,6 +274,21 @@ class Trainer:
         return Preprocessing.for_size(self.cfg.image_size, mean=card.mean, std=card.std,
                                       resize=card.resize)  # fmt: skip
 
+    def _saved_preprocessing(self) -> Preprocessing | None:
+        """A resumed run preprocesses as it started, without needing its base version any
+        more (states written before this was saved fall back to the base's)."""
+        try:
+            with safe_open(str(self._state_path()), framework="pt") as f:
+                saved = json.loads(f.metadata()["state"])["dataset"].get("pre")
+        except Exception as exc:
+            raise TrainingError(
+                f"{self._state_path()}: unreadable resumable state ({exc})"
+            ) from exc
+        if saved is None:
+            return self._base_preprocessing()
+        pre = dict(saved)
+        return Preprocessing(**{**pre, "mean": tuple(pre["mean"]), "std": tuple(pre["std"])})
+
     def _build(
         self, bundle: DatasetBundle, placement: Placement, *, resume: bool
     ) -> tuple[Classifier, dict[str, Any] | None]:
@@ -351,7 +369,12 @@ class Trainer:
             "best": best,
             "history": self.history,
             "step_losses": self.step_losses,
-            "dataset": {"spec": bundle.spec, "labels": bundle.labels, "split": bundle.split},
+            "dataset": {
+                "spec": bundle.spec,
+                "labels": bundle.labels,
+                "split": bundle.split,
+                "pre": bundle.pre.to_dict(),
+            },
             "parent": self.parent,
             "finished_version": finished,
             "best_in_state": self._best_in_state,
@@ -423,13 +446,25 @@ class Trainer:
 
     def fit(self, *, resume: bool = False) -> TrainResult:
         try:
-            return self._fit(resume)
+            with self._exclusive():
+                return self._fit(resume)
         except TrainingInterrupted as exc:
             self.emit("interrupted", epoch=exc.epoch + 1, step=exc.step, run_dir=str(exc.run_dir))
             raise
         except Exception as exc:
             self.emit("failed", error=f"{type(exc).__name__}: {exc}")
             raise
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Rank 0 holds the run folder's lock while it trains (see `run_lock`)."""
+        with contextlib.ExitStack() as stack:
+            if self.dist.is_main:
+                try:
+                    stack.enter_context(run_lock(self.run_dir))
+                except CheckpointError as exc:
+                    raise TrainingError(str(exc)) from exc
+            yield
 
     def _fit(self, resume: bool) -> TrainResult:
         cfg = self.cfg
@@ -440,7 +475,7 @@ class Trainer:
             image_size=cfg.image_size,
             val_split=cfg.val_split,
             seed=cfg.seed,
-            pre=self._base_preprocessing(),
+            pre=self._saved_preprocessing() if resume else self._base_preprocessing(),
         )
         model, base = self._build(bundle, placement, resume=resume)
         train_model: nn.Module = model
@@ -532,7 +567,7 @@ class Trainer:
             train_model.train()
             last_emit = 0.0
             t_epoch = time.perf_counter()
-            for step, (x, y) in enumerate(train_loader, start=first_step):
+            for step, (x, y) in enumerate(batches(train_loader), start=first_step):
                 t0 = time.perf_counter()
                 x = x.to(placement.device, non_blocking=True)
                 y = y.to(placement.device, non_blocking=True)
@@ -654,11 +689,11 @@ class Trainer:
         placement: Placement,
         amp_dtype: torch.dtype | None,
     ) -> EvalResult:
-        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            for x, y in loader:
+        def prepared() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for x, y in batches(loader):
                 yield eval_tf(x.to(placement.device, non_blocking=True)), y
 
-        local = evaluate(model, batches(), autocast_dtype=amp_dtype)
+        local = evaluate(model, prepared(), autocast_dtype=amp_dtype)
         if not self.dist.active:
             return local
         t = local.as_tensor().to(placement.device if placement.device.type == "cuda" else "cpu")

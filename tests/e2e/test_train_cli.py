@@ -205,3 +205,31 @@ def test_fine_tune_keeps_the_base_preprocessing_and_records_lineage(
     # the base's image size and preprocessing, not the CLI's 224 default
     assert (card.image_size, card.resize_size) == (base.image_size, base.resize_size)
     assert (card.mean, card.std) == (base.mean, base.std)
+
+
+def test_a_stopped_fine_tune_resumes_without_its_base(tmp_path: Path) -> None:
+    """The run state remembers the preprocessing, so continuing a fine-tune needs neither
+    the base version nor the options again."""
+    home, run_dir, events = tmp_path / "home", tmp_path / "run", tmp_path / "events.jsonl"
+    base = make_version(home / "models", num_classes=10, image_size=96, activate=True)
+    args = ["train", "--dataset", "synthetic:1200", "--epochs", "1", "--batch-size", "16",
+            "--precision", "fp32", "--device", "cpu", "--workers", "0", "--base", "active",
+            "--run-dir", str(run_dir), "--events-file", str(events)]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=REPO,
+                            env={**os.environ, "ALEXNET_HOME": str(home)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(ev["type"] == "step" for ev in _events(events)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    assert f"fine-tuning from {base.version}; all layers kept (10 classes)" in out
+    import shutil
+
+    shutil.rmtree(home / "models" / base.version)
+    r = run_cli("train", "--resume", str(run_dir), home=home, timeout=600)
+    assert r.returncode == 0, r.stderr
+    [card] = list_cards(home / "models")
+    assert card.parent == base.version and card.image_size == 96
+    assert (card.mean, card.std) == (base.mean, base.std)
