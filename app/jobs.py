@@ -517,7 +517,7 @@ class JobRunner:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf,
                 stderr=asyncio.subprocess.STDOUT, env=self._child_env(job),
-                start_new_session=True,  # its own process group: cancel reaches torchrun's workers
+                start_new_session=True,  # its own group: a SIGKILL reaches torchrun and its ranks
             )  # fmt: skip
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, proc.pid, self.nice)
@@ -590,7 +590,7 @@ class JobRunner:
                 error=f"{_exit_text(rc)}: {reason}" if reason else _exit_text(rc),
             )
             log.warning("job %s failed (%s)", job.id, _exit_text(rc))
-        self.retain()
+        await asyncio.to_thread(self.retain)  # unlinking ~650 MB: off the serving loop
 
     def retain(self) -> None:
         """Apply ALEXNET_KEEP_JOB_STATE to the finished jobs' run state (app/storage.py)."""

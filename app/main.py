@@ -29,7 +29,8 @@ from app.intake import (
     Scope,
     Send,
 )
-from app.presence import announce, withdraw
+from app.presence import HEARTBEAT_S, announce, withdraw
+from app.presence import update as update_presence
 from app.routes import admin, classify, health, models
 from app.settings import Settings
 from app.state import AppState, build_state
@@ -97,13 +98,23 @@ async def _watch_active(state: AppState) -> None:
             if active is None or active in (serving, failed) or busy:
                 continue  # (an activation in progress writes ACTIVE before it serves)
             log.info("ACTIVE changed to %s: activating it", active)
-            await state.activate(active)
+            # Serve it without writing ACTIVE back: a newer `models activate` made while
+            # this one loaded must win, and is picked up on the next tick.
+            await state.activate(active, persist=False)
             failed = None
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.error("cannot serve ACTIVE version %s: %s", active, exc)
             failed = active
+
+
+async def _heartbeat(state: AppState) -> None:
+    """Renew this server's record under $ALEXNET_HOME/servers/ (app/presence.py)."""
+    while True:
+        await asyncio.sleep(HEARTBEAT_S)
+        if state.presence is not None:
+            await asyncio.to_thread(update_presence, state.presence)
 
 
 def _query_names(dep: Dependant) -> set[str]:
@@ -154,6 +165,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.runner.start()
         state.presence = announce(settings.home, watch_active_s=settings.watch_active_s)
         state.tasks.append(asyncio.create_task(_startup(state), name="startup"))
+        state.tasks.append(asyncio.create_task(_heartbeat(state), name="heartbeat"))
         if settings.watch_active_s > 0:
             state.tasks.append(asyncio.create_task(_watch_active(state), name="watch-active"))
         try:

@@ -102,14 +102,17 @@ class AppState:
                  ", compiled" if loaded.compiled else "",
                  f"; was {previous.version}" if previous else "")  # fmt: skip
 
-    async def activate(self, version: str) -> tuple[LoadedModel, LoadedModel | None]:
-        """Load, validate and warm `version`, then swap it in between batches and persist
-        ACTIVE. One activation at a time; requests already batched finish on the model they
-        were preprocessed for. Raises CheckpointError for a version that does not load."""
+    async def activate(
+        self, version: str, *, persist: bool = True
+    ) -> tuple[LoadedModel, LoadedModel | None]:
+        """Load, validate and warm `version`, then swap it in between batches and (with
+        `persist`) write ACTIVE. One activation at a time; requests already batched finish
+        on the model they were preprocessed for. Raises CheckpointError for a version that
+        does not load."""
         async with self.activation_lock:
             loaded = await asyncio.to_thread(self.load, version)
             previous = self.registry.current
-            self.serve(loaded)
+            self.serve(loaded, persist=persist)
         return loaded, previous
 
     async def on_job_success(self, job: Job) -> None:

@@ -29,6 +29,7 @@ from model.checkpoint import (
     fsync_dir,
     iter_version_dirs,
     read_active,
+    run_in_use,
 )
 from model.trainer import BEST_FILE, STATE_FILE
 
@@ -131,6 +132,8 @@ def purge_job(job: Job, *, jobs: JobStore, jobs_dir: Path) -> int:
     cancelled or interrupted job then cannot resume (its record says why)."""
     if job.status in ("queued", "running"):
         raise InUse(f"job {job.id} is {job.status}: cancel it first, then purge it")
+    if run_in_use(jobs_dir / job.id):
+        raise InUse(f"a process is training in {jobs_dir / job.id} (a resume by hand?)")
     freed = purge_run_state(jobs_dir / job.id)
     jobs.update(job.id, purged_at=time.time())
     return freed
@@ -144,21 +147,34 @@ def retain_job_state(*, jobs: JobStore, jobs_dir: Path, keep_failed: int) -> int
     if keep_failed < 0:
         return 0
     freed = 0
-    failed_seen = 0
-    for job in jobs.list(limit=100_000):  # newest first
-        if job.status not in ("succeeded", "failed"):
-            continue
-        if job.status == "failed":
-            failed_seen += 1
-            if failed_seen <= keep_failed:
-                continue
-        run_dir = jobs_dir / job.id
-        if run_state_bytes(run_dir):
-            freed += purge_run_state(run_dir)
-            jobs.update(job.id, purged_at=time.time())
+    for job, _why in _expired_job_states(jobs, jobs_dir, keep_failed):
+        freed += purge_run_state(jobs_dir / job.id)
+        jobs.update(job.id, purged_at=time.time())
     if freed:
         log.info("job state retention freed %d bytes", freed)
     return freed
+
+
+def _expired_job_states(jobs: JobStore, jobs_dir: Path, keep_failed: int) -> list[tuple[Job, str]]:
+    """Finished jobs whose run state the retention policy drops, with why. A failed job
+    counts toward the N kept only while it still has its state; a folder a process is
+    training in (`alexnet train --resume` by hand) is never touched."""
+    out = []
+    failed_kept = 0
+    for job in jobs.list(limit=100_000):  # newest first
+        if job.status not in ("succeeded", "failed"):
+            continue
+        run_dir = jobs_dir / job.id
+        if not run_state_bytes(run_dir) or run_in_use(run_dir):
+            continue
+        if job.status == "failed":
+            if keep_failed < 0 or failed_kept < keep_failed:
+                failed_kept += 1
+                continue
+            out.append((job, f"a failed job beyond the newest {keep_failed} kept"))
+        else:
+            out.append((job, f"its run finished as version {job.result_version}"))
+    return out
 
 
 # ----------------------------------------------------------------------------- gc
@@ -188,26 +204,14 @@ def collect(
     out: list[Freeable] = []
     models_dir, jobs_dir, runs_dir = home / "models", home / "jobs", home / "runs"
     # Run state of finished jobs, as the retention policy would leave it.
-    failed_seen = 0
-    known_jobs = set()
-    for job in jobs.list(limit=100_000):
-        known_jobs.add(job.id)
-        if job.status not in ("succeeded", "failed"):
-            continue
-        if job.status == "failed":
-            failed_seen += 1
-            if keep_failed < 0 or failed_seen <= keep_failed:
-                continue
-        size = run_state_bytes(jobs_dir / job.id)
-        if size:
-            why = ("its run finished as version " + str(job.result_version)
-                   if job.status == "succeeded" else
-                   f"a failed job beyond the newest {keep_failed} kept")  # fmt: skip
-            out.append(Freeable("job_state", job.id, str(jobs_dir / job.id), size, why))
+    known_jobs = {job.id for job in jobs.list(limit=100_000)}
+    for job, why in _expired_job_states(jobs, jobs_dir, keep_failed):
+        run_dir = jobs_dir / job.id
+        out.append(Freeable("job_state", job.id, str(run_dir), run_state_bytes(run_dir), why))
     # `alexnet train` runs that finished (an unfinished one can still be resumed).
     if runs_dir.is_dir():
         for run in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
-            if run_state_bytes(run) and _finished_cli_run(run):
+            if run_state_bytes(run) and not run_in_use(run) and _finished_cli_run(run):
                 out.append(Freeable("run_state", run.name, str(run), run_state_bytes(run),
                                     "the run finished and registered its version"))  # fmt: skip
     # Partial saves with no live writer.
@@ -240,11 +244,12 @@ def free(items: Iterable[Freeable], *, home: Path, jobs: JobStore, serving: Iter
             if item.kind == "version":
                 freed += delete_version(item.name, models_dir=home / "models", jobs=jobs,
                                         serving=serving)  # fmt: skip
-            elif item.kind == "job_state":
+            elif item.kind in ("job_state", "run_state"):
+                if run_in_use(path):
+                    raise InUse(f"a process is training in {path}")
                 freed += purge_run_state(path)
-                jobs.update(item.name, purged_at=time.time())
-            elif item.kind == "run_state":
-                freed += purge_run_state(path)
+                if item.kind == "job_state":
+                    jobs.update(item.name, purged_at=time.time())
             else:
                 size = tree_bytes(path)
                 if path.is_dir():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from typing import Annotated, Any
 
@@ -188,7 +189,9 @@ async def cancel_job(
     job = _job_or_404(state, job_id)
     if purge:
         try:
-            purge_job(job, jobs=state.jobs, jobs_dir=state.settings.jobs_dir)
+            # (a thread: unlinking ~650 MB must not hold up the serving loop)
+            await asyncio.to_thread(purge_job, job, jobs=state.jobs,
+                                    jobs_dir=state.settings.jobs_dir)  # fmt: skip
         except InUse as exc:
             raise Conflict(str(exc)) from exc
         return _out(_job_or_404(state, job_id))
@@ -261,8 +264,9 @@ async def delete_model(
         serving.add(state.registry.current.version)
     async with state.activation_lock:  # not while a swap may be loading it
         try:
-            freed = delete_version(version, models_dir=state.registry.models_dir,
-                                   jobs=state.jobs, serving=serving)  # fmt: skip
+            freed = await asyncio.to_thread(delete_version, version,
+                                            models_dir=state.registry.models_dir,
+                                            jobs=state.jobs, serving=serving)  # fmt: skip
         except CheckpointError as exc:
             raise NotFound(f"no model version {version!r}") from exc
         except InUse as exc:
