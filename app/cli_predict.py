@@ -13,7 +13,6 @@ from typing import Any, Final
 
 from model.data import IMAGE_SUFFIXES
 
-DEFAULT_TOP_K: Final = 5  # as the HTTP API: or every class of a model with fewer
 BATCH: Final = 32
 
 
@@ -57,8 +56,10 @@ def expand_images(args: list[str]) -> list[ImageArg]:
 
 def top_k_for(requested: int | None, num_classes: int) -> int:
     """The default is 5, or every class of a model with fewer (as the HTTP API)."""
+    from model.engine import default_top_k
+
     if requested is None:
-        return min(DEFAULT_TOP_K, num_classes)
+        return default_top_k(num_classes)
     if not 1 <= requested <= num_classes:
         raise PredictError(
             f"--top-k must be between 1 and the model's {num_classes} classes, got {requested}"

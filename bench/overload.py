@@ -64,6 +64,7 @@ class Report:
     accepted_max_ms: float
     idle_p50_ms: float
     idle_paced_p90_ms: float  # the recovery probe's baseline
+    after_load_statuses: dict[str, int]  # the recovery probes' answers
     lag_p99_ms: float
     rss_before_mb: float
     rss_peak_mb: float
@@ -213,7 +214,9 @@ async def open_loop(port: int, bodies: list[bytes], rate: float, seconds: float,
     return answers
 
 
-async def recovery(port: int, payload: bytes, normal_s: float, limit_s: float = 60) -> float:
+async def recovery(
+    port: int, payload: bytes, normal_s: float, statuses: list[int], limit_s: float = 60
+) -> float:
     """Seconds after the load until three requests in a row, `PROBE_PAUSE_S` apart, are
     answered within 1.5x `normal_s`: the idle server's p90 measured the same way before the
     load. (Like with like: on some CPUs a request after a pause takes 1.5-2x one sent back
@@ -225,6 +228,7 @@ async def recovery(port: int, payload: bytes, normal_s: float, limit_s: float = 
         while time.monotonic() - t0 < limit_s:
             t = time.perf_counter()
             status, _ = await pool.post(payload)
+            statuses.append(status)
             good = good + 1 if status == 200 and time.perf_counter() - t <= 1.5 * normal_s else 0
             if good == 3:
                 return time.monotonic() - t0
@@ -295,7 +299,8 @@ def main() -> None:
             answers = asyncio.run(open_loop(port, bodies, rate, args.seconds, pid, rss))
             rss_peak = proc_status_kb(pid, "VmHWM") / 1024
             idle_p50 = pct(idle, 0.5)
-            recovered = asyncio.run(recovery(port, bodies[0], pct(idle_paced, 0.9)))
+            after: list[int] = []
+            recovered = asyncio.run(recovery(port, bodies[0], pct(idle_paced, 0.9), after))
             rss_after = proc_status_kb(pid, "VmRSS") / 1024
     ok = [a.latency_s for a in answers if a.status == 200]
     refused = [a for a in answers if a.status == 429]
@@ -307,6 +312,7 @@ def main() -> None:
         accepted_p50_ms=pct(ok, 0.5) * 1000, accepted_p99_ms=pct(ok, 0.99) * 1000,
         accepted_max_ms=max(ok, default=float("nan")) * 1000, idle_p50_ms=idle_p50 * 1000,
         idle_paced_p90_ms=pct(idle_paced, 0.9) * 1000,
+        after_load_statuses={str(k): v for k, v in Counter(after).items()},
         lag_p99_ms=pct([a.lag_s for a in answers], 0.99) * 1000,
         rss_before_mb=rss_before, rss_peak_mb=rss_peak, rss_after_mb=rss_after,
         recovery_s=recovered, windows=windows(answers, rss, args.seconds),

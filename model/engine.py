@@ -89,6 +89,15 @@ def forward_logits(
     return logits.float()
 
 
+DEFAULT_TOP_K = 5
+
+
+def default_top_k(num_classes: int) -> int:
+    """How many classes an answer lists when the caller does not say: 5, or every class
+    of a model with fewer (the HTTP API, the CLI and the page agree on this)."""
+    return min(DEFAULT_TOP_K, num_classes)
+
+
 def predict(
     model: nn.Module,
     batch: torch.Tensor,

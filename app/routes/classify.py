@@ -29,11 +29,11 @@ from app.schemas import (
     multipart_body,
 )
 from app.state import AppState, StateDep
+from model.engine import default_top_k
 from model.images import ImageError
 
 router = APIRouter(prefix="/v1", tags=["classify"])
 
-DEFAULT_TOP_K = 5
 TopK = Annotated[
     int | None,
     Query(
@@ -85,7 +85,7 @@ def _top_k(loaded: LoadedModel, top_k: int | None) -> int:
     num_classes is the client's mistake (422)."""
     n = loaded.card.num_classes
     if top_k is None:
-        return min(DEFAULT_TOP_K, n)
+        return default_top_k(n)
     if top_k > n:
         raise ValidationFailed(
             f"top_k: must be at most {n} for model {loaded.version}",

@@ -31,5 +31,8 @@ def test_overload_bench_runs_and_sheds_load_cleanly(tmp_path: Path) -> None:
     assert set(report["statuses"]) <= {"200", "429"}, report["statuses"]
     assert report["statuses"].get("200", 0) > 0
     assert report["retry_after_on_every_429"]
-    assert report["recovery_s"] != float("inf")
+    # After the load, the server answers again (how soon, against its idle latency, is a
+    # figure for the report: it depends on the machine)
+    assert report["after_load_statuses"].get("200", 0) >= 1, report["after_load_statuses"]
+    assert set(report["after_load_statuses"]) == {"200"}
     assert report["rss_after_mb"] - report["rss_before_mb"] < 300

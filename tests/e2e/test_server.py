@@ -117,7 +117,7 @@ def test_requests_past_their_deadline_get_504(tmp_path: Path, jpeg_photos: list[
     data = jpeg_photos[0].read_bytes()
     with Server(home, ALEXNET_REQUEST_TIMEOUT_S="1", ALEXNET_MAX_BATCH_SIZE="1",
                 ALEXNET_PRECISION="fp32", ALEXNET_MAX_QUEUE_WAIT_S="0",
-                ALEXNET_MAX_QUEUE="1000") as srv:  # fmt: skip
+                ALEXNET_MAX_QUEUE="1000", ALEXNET_DEVICE="cpu") as srv:  # fmt: skip
         alone = httpx.post(srv.url + "/v1/classify", files={"file": ("a.jpg", data)}, timeout=60)
         assert alone.status_code == 200, alone.text
         responses = asyncio.run(_post_many(srv.url, data, 300))
