@@ -38,6 +38,15 @@ from model.images import ImageError, ImageTooLarge, UnsupportedImageFormat
 log = logging.getLogger(__name__)
 
 
+MAX_MESSAGE_CHARS = 1000
+
+
+def clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """Error messages may quote what a client sent (a version name, a query parameter):
+    never more than `limit` characters of it, so a 60 KB name is not echoed back whole."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 class AppError(Exception):
     status = 500
     code = "internal_error"
@@ -45,6 +54,7 @@ class AppError(Exception):
     def __init__(
         self, message: str, *, details: Any = None, retry_after_s: float | None = None
     ) -> None:
+        message = clip(message)
         super().__init__(message)
         self.message, self.details, self.retry_after_s = message, details, retry_after_s
 
@@ -251,6 +261,10 @@ def install_handlers(app: FastAPI) -> None:
                 return resp
         elif exc.status_code == 413:
             err = PayloadTooLarge(str(exc.detail))
+        elif exc.status_code == 400 and isinstance(exc.__cause__, AppError):
+            # FastAPI turns whatever fails while it reads a JSON body into a 400; the body
+            # limit's 413 and deadline's 408 keep their own status
+            err = exc.__cause__
         elif exc.status_code == 400:
             err = BadRequest(str(exc.detail))
         else:

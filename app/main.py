@@ -19,7 +19,7 @@ from PIL import Image
 
 from app.bootstrap import bootstrap
 from app.docs import install_docs
-from app.errors import ValidationFailed, install_handlers
+from app.errors import ValidationFailed, clip, install_handlers
 from app.intake import (
     MULTIPART_OVERHEAD,
     ASGIApp,
@@ -29,6 +29,7 @@ from app.intake import (
     Scope,
     Send,
 )
+from app.middleware import AdminAuthMiddleware, SecurityHeadersMiddleware, page_csp
 from app.presence import HEARTBEAT_S, announce, withdraw
 from app.presence import update as update_presence
 from app.routes import admin, classify, health, models
@@ -125,21 +126,29 @@ def _query_names(dep: Dependant) -> set[str]:
 
 
 async def reject_unknown_query(request: Request) -> None:
-    """422 for query parameters a route does not declare: `?topk=3` is a typo to report,
-    not a request to answer with the default top 5."""
+    """422 for query parameters a route does not declare (`?topk=3` is a typo to report,
+    not a request to answer with the default top 5) and for one given twice."""
     if not request.scope.get("query_string"):
         return  # the usual case: nothing to check
     route = request.scope.get("route")
     if not isinstance(route, APIRoute) or not route.include_in_schema:
         return
     declared = _query_names(route.dependant)
+    names = [k for k, _ in request.query_params.multi_items()]
+    repeated = sorted({k for k in names if names.count(k) > 1} & declared)
+    if repeated:  # every parameter here is a scalar: `?top_k=1&top_k=2` is ambiguous
+        raise ValidationFailed(
+            f"query parameter(s) given more than once: {', '.join(repeated)}",
+            details=[{"loc": ["query", r], "msg": "given more than once"} for r in repeated],
+        )
     unknown = sorted(set(request.query_params) - declared)
     if unknown:
         raise ValidationFailed(
-            f"unknown query parameter(s): {', '.join(unknown)}"
+            f"unknown query parameter(s): {clip(', '.join(unknown))}"
             + (f" (accepted: {', '.join(sorted(declared))})" if declared else ""),
             details=[
-                {"loc": ["query", u], "msg": "not a parameter of this route"} for u in unknown
+                {"loc": ["query", clip(u, 100)], "msg": "not a parameter of this route"}
+                for u in unknown
             ],
         )
 
@@ -202,10 +211,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_docs(app)
 
     page = resources.files("app").joinpath("static/index.html").read_text()
+    csp = page_csp(page)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
-        return HTMLResponse(page)
+        return HTMLResponse(page, headers={"Content-Security-Policy": csp})
 
     single = settings.max_upload_bytes + MULTIPART_OVERHEAD
     batch = settings.max_upload_bytes * settings.max_files + MULTIPART_OVERHEAD
@@ -219,6 +229,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for,
                        body_timeout_s=settings.body_timeout_s)  # fmt: skip
+    # Outside the body limit and everything that reads a body: an unauthenticated /admin
+    # request is 401 whatever it sends (and its connection is closed unread).
+    app.add_middleware(AdminAuthMiddleware, token=lambda: settings.admin_token)
     if settings.cors_origins:
         # Off by default. Browsers may send the admin token only to listed origins: with
         # "*" no credentials are allowed at all.
@@ -231,5 +244,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type"],
             max_age=600,
         )
+    app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware)
     return app

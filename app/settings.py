@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     bootstrap: Literal["auto", "imagenet", "synthetic", "none"] = "auto"
     # The embedded default's training job (when ImageNet weights are unavailable): more
     # images or epochs buy accuracy with first-start time.
-    bootstrap_dataset: str = Field("synthetic", pattern=r"^synthetic(:\d{2,7})?$")
+    bootstrap_dataset: str = Field("synthetic", pattern=r"^synthetic(:[0-9]{2,7})?$")
     bootstrap_epochs: int = Field(0, ge=0, le=1000)  # 0: the built-in recipe's
     shutdown_timeout_s: float = Field(8.0, ge=0)  # below Docker's 10 s stop grace
     cors_origins: list[str] = Field(default_factory=list)

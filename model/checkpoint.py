@@ -37,7 +37,7 @@ FORMAT_VERSION: Final = 1
 WEIGHTS_FILE: Final = "weights.safetensors"
 CARD_FILE: Final = "model.json"
 ACTIVE_FILE: Final = "ACTIVE"
-VERSION_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+VERSION_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch only
 _TMP_PREFIX: Final = ".tmp-"
 
 
@@ -80,7 +80,7 @@ class ModelCard(BaseModel):
             )
         if self.resize not in RESIZE_POLICIES:
             raise ValueError(f"unknown resize policy {self.resize!r}")
-        if not VERSION_RE.match(self.version):
+        if not VERSION_RE.fullmatch(self.version):
             raise ValueError(f"invalid version name {self.version!r}")
         if any(s <= 0 for s in self.std):
             raise ValueError("std values must be positive")
@@ -157,7 +157,7 @@ def new_version_id(now: datetime | None = None) -> str:
 
 
 def check_version_name(version: str) -> str:
-    if not VERSION_RE.match(version):
+    if not VERSION_RE.fullmatch(version):
         raise CheckpointError(
             f"invalid version name {version!r}: letters, digits, '.', '_' and '-' only"
         )
@@ -321,7 +321,7 @@ def iter_version_dirs(models_dir: Path) -> Iterator[Path]:
     if not models_dir.is_dir():
         return
     for child in sorted(models_dir.iterdir()):
-        if child.is_dir() and not child.name.startswith(".") and VERSION_RE.match(child.name):
+        if child.is_dir() and not child.name.startswith(".") and VERSION_RE.fullmatch(child.name):
             yield child
 
 
@@ -418,7 +418,7 @@ def read_active(models_dir: Path) -> str | None:
         name = (models_dir / ACTIVE_FILE).read_text().strip()
     except FileNotFoundError:
         return None
-    return name if VERSION_RE.match(name) else None
+    return name if VERSION_RE.fullmatch(name) else None
 
 
 def write_active(models_dir: Path, version: str) -> None:
@@ -439,7 +439,7 @@ def resolve_version_dir(models_dir: Path, ref: str) -> Path:
     candidate = Path(ref)
     if (candidate / CARD_FILE).is_file() and (os.sep in ref or ref.startswith(".")):
         return candidate
-    if VERSION_RE.match(ref) and (models_dir / ref / CARD_FILE).is_file():
+    if VERSION_RE.fullmatch(ref) and (models_dir / ref / CARD_FILE).is_file():
         return models_dir / ref
     if (candidate / CARD_FILE).is_file():
         return candidate

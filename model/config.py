@@ -12,8 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # The schedulers' own patience; early stopping must be more patient than these.
 PLATEAU_PATIENCE: Final = 3
 STEP_PATIENCE: Final = 2
+# Matched whole (fullmatch: "synthetic\n" is not "synthetic") and in ASCII only (no
+# Arabic-Indic digits in a size, no letters outside A-Z in a name).
 DATASET_RE: Final = re.compile(
-    r"^(cifar10|synthetic(:\d{2,7})?|imagefolder:[A-Za-z0-9][\w.-]{0,63})$"
+    r"(cifar10|synthetic(:[0-9]{2,7})?|imagefolder:[A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
 )
 
 
@@ -21,7 +23,9 @@ class TrainConfig(BaseModel):
     """Everything that determines a training run (and so is stored with it)."""
 
     # strict: no silent coercions (`"workers": false` is not 0, `"epochs": "5"` not 5)
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # allow_inf_nan=False: `"min_delta": Infinity` (or 1e309) is refused, not shown later as
+    # null in an answer that breaks the API's own schema
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     dataset: str = Field(
         description="cifar10, synthetic (synthetic:N for N images), or imagefolder:NAME "
@@ -66,7 +70,7 @@ class TrainConfig(BaseModel):
     @field_validator("dataset")
     @classmethod
     def _dataset_by_name(cls, v: str) -> str:
-        if not DATASET_RE.match(v):
+        if not DATASET_RE.fullmatch(v):
             raise ValueError(
                 f"unknown dataset {v!r}: expected cifar10, synthetic, synthetic:N or "
                 "imagefolder:NAME (NAME: letters, digits, '.', '_', '-'; no paths)"
