@@ -142,6 +142,7 @@ def _first_error(exc: ValidationError, *, env: bool = False) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.intake import body_limits
     from app.protocol import with_header_timeout
 
     s = _settings()
@@ -153,7 +154,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(s.shutdown_timeout_s) or None,
         log_level=s.log_level,
         timeout_keep_alive=5,
-        http=with_header_timeout(s.header_timeout_s),
+        http=with_header_timeout(
+            s.header_timeout_s,
+            max_header_bytes=s.max_header_bytes,
+            max_header_connections=s.max_header_connections,
+            body_limit_for=body_limits(s.max_upload_bytes, s.max_files),
+        ),
     )
     return 0
 

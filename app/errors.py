@@ -123,6 +123,10 @@ class ValidationFailed(AppError):
     status, code = 422, "validation_error"
 
 
+class HeaderTooLarge(AppError):
+    status, code = 431, "request_header_too_large"
+
+
 class Overloaded(AppError):
     status, code = 429, "overloaded"
 

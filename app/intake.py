@@ -32,6 +32,23 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers on top of the files
+JSON_BODY_LIMIT = 1024 * 1024  # admin request bodies
+
+
+def body_limits(max_upload_bytes: int, max_files: int) -> Callable[[str], int]:
+    """The body limit of each path (the one function the ASGI middleware and the protocol's
+    framing count share)."""
+    single = max_upload_bytes + MULTIPART_OVERHEAD
+    batch = max_upload_bytes * max_files + MULTIPART_OVERHEAD
+
+    def limit_for(path: str) -> int:
+        if path == "/v1/classify":
+            return single
+        if path == "/v1/classify/batch":
+            return batch
+        return JSON_BODY_LIMIT
+
+    return limit_for
 
 
 class BodyLimitMiddleware:

@@ -21,13 +21,13 @@ from app.bootstrap import bootstrap
 from app.docs import install_docs
 from app.errors import ValidationFailed, clip, install_handlers
 from app.intake import (
-    MULTIPART_OVERHEAD,
     ASGIApp,
     BodyLimitMiddleware,
     Message,
     Receive,
     Scope,
     Send,
+    body_limits,
 )
 from app.middleware import AdminAuthMiddleware, SecurityHeadersMiddleware, page_csp
 from app.presence import HEARTBEAT_S, announce, withdraw
@@ -217,16 +217,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def index() -> HTMLResponse:
         return HTMLResponse(page, headers={"Content-Security-Policy": csp})
 
-    single = settings.max_upload_bytes + MULTIPART_OVERHEAD
-    batch = settings.max_upload_bytes * settings.max_files + MULTIPART_OVERHEAD
-
-    def limit_for(path: str) -> int:
-        if path == "/v1/classify":
-            return single
-        if path == "/v1/classify/batch":
-            return batch
-        return 1024 * 1024  # JSON bodies (admin)
-
+    limit_for = body_limits(settings.max_upload_bytes, settings.max_files)
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for,
                        body_timeout_s=settings.body_timeout_s)  # fmt: skip
     # Outside the body limit and everything that reads a body: an unauthenticated /admin

@@ -1,5 +1,14 @@
-"""uvicorn's HTTP protocol with a header-read deadline, and its parse errors in the API's
-error envelope.
+"""uvicorn's HTTP protocol with bounds of its own, and its parse errors in the API's error
+envelope.
+
+- A header-read deadline (below).
+- A bound on the bytes of a request's head (`max_header_bytes`, 431): httptools keeps a
+  header line it has not finished in memory, so 100 clients sending 10 MiB of never-ending
+  header each cost 1 GB; and a bound on the connections whose head is in flight at once
+  (`max_header_connections`, 429 to the next).
+- Every byte of a body's framing counts (chunk sizes and extensions too): `1;` followed by
+  endless extension bytes is parsed by httptools but never reaches the ASGI app's body
+  limit. Past the route's limit plus a margin for framing the answer is 413.
 
 uvicorn cancels its keep-alive timer on every byte received and has no timer while a
 request's headers arrive, so a client that trickles a header byte every few seconds
@@ -11,21 +20,30 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from app.errors import AppError, BadRequest, RequestBodyTimeout
+from app.errors import (
+    AppError,
+    BadRequest,
+    HeaderTooLarge,
+    Overloaded,
+    PayloadTooLarge,
+    RequestBodyTimeout,
+)
 
 
 def _raw_response(err: AppError) -> bytes:
     """`err` in the API's error envelope as raw HTTP bytes, closing the connection: these
     answers go out from the protocol, below the ASGI app and its handlers."""
     body = json.dumps(err.body()).encode()
+    extra = "".join(f"{k.lower()}: {v}\r\n" for k, v in (err.headers() or {}).items())
     return (
         f"HTTP/1.1 {err.status} {HTTPStatus(err.status).phrase}\r\n"
-        f"content-type: application/json\r\nconnection: close\r\n"
+        f"content-type: application/json\r\nconnection: close\r\n{extra}"
         f"content-length: {len(body)}\r\n\r\n"
     ).encode() + body
 
@@ -34,14 +52,75 @@ _TIMEOUT_RESPONSE = _raw_response(RequestBodyTimeout("request headers took too l
 _MALFORMED_RESPONSE = _raw_response(
     BadRequest("not a valid HTTP/1.1 request (framing, Content-Length or header bytes)")
 )
+_FRAMING_MARGIN = 1.02  # chunk sizes and CRLFs: a few bytes per chunk of a real upload
+_HEAD_END = b"\r\n\r\n"
+
+
+class _HeadsInFlight:
+    """Connections (of this process) that have sent part of a request head."""
+
+    count = 0
 
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):
     header_timeout_s: float = 10.0
+    max_header_bytes: int = 64 * 1024
+    max_header_connections: int = 1024
+    body_limit_for: Callable[[str], int] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_deadline: asyncio.TimerHandle | None = None
+        self._in_head = True  # reading a request's head (request line and headers)
+        self._head_bytes = 0
+        self._head_counted = False  # counted in _HeadsInFlight
+        self._tail = b""  # the last bytes of the head so far (an end split across reads)
+        self._body_bytes = 0
+        self._body_limit: int | None = None
+
+    # ---------------------------------------------------------------- byte bounds
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head and not self._count_head(data):
+            return
+        if not self._in_head and self._body_limit is not None:
+            self._body_bytes += len(data)
+            if self._body_bytes > self._body_limit:
+                self._refuse(PayloadTooLarge(f"the request body (with its framing) passed "
+                                             f"{self._body_limit} bytes"))  # fmt: skip
+                return
+        super().data_received(data)
+
+    def _count_head(self, data: bytes) -> bool:
+        """Count the bytes of `data` up to the end of the head; False if refused."""
+        window = self._tail + data
+        end = window.find(_HEAD_END)
+        head = len(data) if end < 0 else max(0, end + len(_HEAD_END) - len(self._tail))
+        if head and not self._head_counted:
+            if _HeadsInFlight.count >= self.max_header_connections:
+                self._refuse(Overloaded("too many connections are sending request headers",
+                                        retry_after_s=1))  # fmt: skip
+                return False
+            _HeadsInFlight.count += 1
+            self._head_counted = True
+        self._head_bytes += head
+        self._tail = window[-3:]
+        if self._head_bytes > self.max_header_bytes:
+            self._refuse(HeaderTooLarge(
+                f"request headers larger than {self.max_header_bytes} bytes"))  # fmt: skip
+            return False
+        return True
+
+    def _release_head(self) -> None:
+        if self._head_counted:
+            _HeadsInFlight.count -= 1
+            self._head_counted = False
+
+    def _refuse(self, err: AppError) -> None:
+        self._release_head()
+        if not self.transport.is_closing():
+            self.transport.write(_raw_response(err))
+            self.transport.close()
 
     def _arm(self) -> None:
         self._disarm()
@@ -70,7 +149,16 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        self._in_head, self._body_bytes = False, 0
+        self._release_head()
+        if self.body_limit_for is not None:
+            path = self.url.split(b"?", 1)[0].decode("latin-1")
+            self._body_limit = int(self.body_limit_for(path) * _FRAMING_MARGIN) + 65536
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head, self._head_bytes, self._tail = True, 0, b""
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -79,8 +167,20 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._release_head()
         super().connection_lost(exc)
 
 
-def with_header_timeout(seconds: float) -> type[HeaderDeadlineProtocol]:
-    return type("HeaderDeadlineProtocol", (HeaderDeadlineProtocol,), {"header_timeout_s": seconds})
+def with_header_timeout(
+    seconds: float,
+    *,
+    max_header_bytes: int = 64 * 1024,
+    max_header_connections: int = 1024,
+    body_limit_for: Callable[[str], int] | None = None,
+) -> type[HeaderDeadlineProtocol]:
+    attrs: dict[str, Any] = {
+        "header_timeout_s": seconds, "max_header_bytes": max_header_bytes,
+        "max_header_connections": max_header_connections,
+        "body_limit_for": staticmethod(body_limit_for) if body_limit_for else None,
+    }  # fmt: skip
+    return type("HeaderDeadlineProtocol", (HeaderDeadlineProtocol,), attrs)

@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     # (slowloris) cannot hold connections.
     header_timeout_s: float = Field(10.0, gt=0, le=600)
     body_timeout_s: float = Field(60.0, gt=0, le=3600)
+    # A request's head (request line and headers) is at most this many bytes (431), and at
+    # most this many connections may be sending one at once (429 to the next): together
+    # they bound the memory that unfinished headers can take (64 MiB by default).
+    max_header_bytes: int = Field(64 * 1024, ge=4096, le=16 * 1024 * 1024)
+    max_header_connections: int = Field(1024, ge=1, le=1_000_000)
     decode_threads: int = Field(0, ge=0)  # 0: one per CPU core
 
     # Upload limits.

@@ -33,7 +33,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, photo_dir: Path) -> Iterato
     home = tmp_path_factory.mktemp("home")
     make_version(home / "models", activate=True)
     with Server(home, ALEXNET_HEADER_TIMEOUT_S="2", ALEXNET_BODY_TIMEOUT_S="2",
-                ALEXNET_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT)) as srv:  # fmt: skip
+                ALEXNET_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT),
+                ALEXNET_MAX_HEADER_CONNECTIONS=str(HEAD_CONNECTIONS)) as srv:  # fmt: skip
         # Warm up with the largest ordinary request (a full batch), then reset the peak:
         # what the hostile requests add on top of normal serving is what is measured.
         photo = sorted(photo_dir.glob("*.jpg"))[0].read_bytes()
@@ -47,6 +48,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, photo_dir: Path) -> Iterato
 
 
 UPLOAD_LIMIT = 1024 * 1024  # per file; /v1/classify takes this plus 64 KiB of multipart
+HEAD_CONNECTIONS = 64  # connections sending request headers at once (the slowloris test: 40)
 
 
 def reset_peak_rss(srv: Server) -> None:
@@ -351,6 +353,63 @@ def test_malformed_framing_is_400_in_the_envelope(server: Server, headers: str) 
            f"boundary=B\r\n{headers}\r\nzz\r\n0123456789\r\n0\r\n\r\n").encode()  # fmt: skip
     reply = exchange(server, [raw])
     assert_error(reply, 400, "invalid_request")
+
+
+def test_a_header_flood_is_431_before_it_is_buffered(server: Server) -> None:
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Flood: "
+    flood = itertools.chain([head], itertools.repeat(b"a" * 65536, 160))  # 10 MiB, unfinished
+    reply = exchange(server, flood)
+    assert_error(reply, 431, "request_header_too_large")
+    # answered while the header is still unfinished, and closed (what the client could push
+    # into the kernel's socket buffers meanwhile says nothing of what the server kept)
+    assert reply.closed
+    # Many header lines add up the same way.
+    lines = b"".join(b"X-H%d: %s\r\n" % (i, b"b" * 1000) for i in range(100))
+    reply = exchange(server, [b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + lines + b"\r\n"])
+    assert_error(reply, 431, "request_header_too_large")
+    # Headers just under the limit are fine.
+    lines = b"".join(b"X-H%d: %s\r\n" % (i, b"b" * 1000) for i in range(50))
+    reply = exchange(server, [b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + lines + b"\r\n"])
+    assert reply.status == 200
+
+
+def test_connections_sending_headers_at_once_are_bounded(server: Server) -> None:
+    socks = []
+    try:
+        for _ in range(HEAD_CONNECTIONS):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"c" * 30_000)
+            socks.append(sock)
+        deadline = time.monotonic() + 30  # until the server has read all of them
+        while True:
+            reply = exchange(server, [b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"])
+            if reply.status != 200 or time.monotonic() > deadline:
+                break
+        assert_error(reply, 429, "overloaded")
+        assert int(reply.headers["retry-after"]) >= 1
+    finally:
+        for sock in socks:
+            sock.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the server notices the closed connections
+        if exchange(server, [b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"]).status == 200:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the server did not free its header slots")
+
+
+@pytest.mark.parametrize("size_line", [b"1;" + b"e" * 64, b"0" * 64])
+def test_chunk_framing_counts_against_the_body_limit(server: Server, size_line: bytes) -> None:
+    """Endless chunk-extension bytes, or endless leading zeros in a chunk size: every byte
+    of the framing counts, so the answer is 413 near the limit, not after gigabytes."""
+    head = (b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: multipart/form-data; boundary=B\r\n\r\n")  # fmt: skip
+    filler = b"e" * 65536 if size_line.startswith(b"1") else b"0" * 65536
+    flood = itertools.chain([head, size_line], itertools.repeat(filler, 320))  # 20 MiB
+    reply = exchange(server, flood)
+    assert_error(reply, 413, "payload_too_large")
+    assert reply.closed
 
 
 def test_after_all_that_memory_is_bounded_and_nothing_crashed(server: Server, photo: bytes) -> None:
