@@ -13,6 +13,7 @@ AppError
  +-- UnsupportedMediaType  415 unsupported_media_type
  +-- ValidationFailed      422 validation_error
  +-- Overloaded            429 overloaded (Retry-After)
+ +-- HeaderTooLarge        431 request_header_too_large
  +-- ModelNotReady         503 model_not_ready (Retry-After)
  +-- AdminDisabled         503 admin_disabled
  +-- RequestTimeout        504 timeout
