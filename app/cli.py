@@ -154,6 +154,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(s.shutdown_timeout_s) or None,
         log_level=s.log_level,
         timeout_keep_alive=5,
+        proxy_headers=bool(s.forwarded_allow_ips),
+        forwarded_allow_ips=s.forwarded_allow_ips or None,
         http=with_header_timeout(
             s.header_timeout_s,
             max_header_bytes=s.max_header_bytes,

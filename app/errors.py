@@ -225,7 +225,8 @@ def _allowed_methods(request: Request) -> set[str]:
     for template, operations in request.app.openapi()["paths"].items():
         regex, _, _ = compile_path(template)
         if regex.match(path):
-            return {m.upper() for m in operations}
+            methods = {m.upper() for m in operations}
+            return methods | {"HEAD"} if "GET" in methods else methods
     return set()
 
 

@@ -130,11 +130,12 @@ async def read_form(request: Request, *, max_files: int) -> FormData:
     """Parse multipart/form-data with bounds on files and fields. A body that ends before
     its closing boundary is malformed (400), not a form with the last part missing."""
     ctype = request.headers.get("content-type", "")
-    if not ctype.startswith("multipart/form-data"):
+    # The media type exactly, in any case (RFC 9110: case-insensitive); its parameters after
+    main, params = parse_options_header(ctype)
+    if main.strip().lower() != b"multipart/form-data":
         raise UnsupportedMediaType(
             "send the image as multipart/form-data (curl -F file=@photo.jpg ...)"
         )
-    _, params = parse_options_header(ctype)
     closing = b"--" + params.get(b"boundary", b"") + b"--"
     seen = _Marker(closing)
     parser = MultiPartParser(request.headers, seen.watch(request.stream()), max_files=max_files,

@@ -29,7 +29,13 @@ from app.intake import (
     Send,
     body_limits,
 )
-from app.middleware import AdminAuthMiddleware, SecurityHeadersMiddleware, page_csp
+from app.middleware import (
+    AdminAuthMiddleware,
+    AllowedHostsMiddleware,
+    HeadMiddleware,
+    SecurityHeadersMiddleware,
+    page_csp,
+)
 from app.presence import HEARTBEAT_S, announce, withdraw
 from app.presence import update as update_presence
 from app.routes import admin, classify, health, models
@@ -44,6 +50,11 @@ Upload images to **POST /v1/classify** (one `file`) or **/v1/classify/batch** (s
 `files`) and get softmax top-k answers. Every error has the same shape:
 `{"error": {"code", "message", "details"}}`.
 """
+
+
+# Metric labels from a fixed set: any token is a valid method to the parser, and each new
+# label value would be a new time series.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
 class MetricsMiddleware:
@@ -71,7 +82,8 @@ class MetricsMiddleware:
             state: AppState | None = getattr(scope["app"].state, "alexnet", None)
             route = getattr(scope.get("route"), "path", "unmatched")
             if state is not None:
-                state.metrics.requests.labels(route, scope["method"], str(status)).inc()
+                method = scope["method"] if scope["method"] in _METHODS else "other"
+                state.metrics.requests.labels(route, method, str(status)).inc()
                 state.metrics.latency.labels(route).observe(time.perf_counter() - t0)
                 if status >= 400:
                     state.metrics.rejections.labels(str(status)).inc()
@@ -193,6 +205,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        # No redirect from /path/ to /path: Starlette builds it from the request's Host
+        # header, which a client controls; a trailing slash is a 404 like any unknown path.
+        redirect_slashes=False,
         docs_url=None,  # app/docs.py serves /docs and /redoc without a CDN
         redoc_url=None,
         dependencies=[Depends(reject_unknown_query)],
@@ -235,6 +250,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type"],
             max_age=600,
         )
+    app.add_middleware(HeadMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware)
+    if settings.allowed_hosts:
+        app.add_middleware(AllowedHostsMiddleware, hosts=settings.allowed_hosts)
     return app

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 
 from pydantic import SecretStr
 
-from app.errors import AdminDisabled, AppError, Unauthorized
+from app.errors import AdminDisabled, AppError, BadRequest, Unauthorized, clip
 from app.intake import ASGIApp, Message, Receive, Scope, Send
 
 # For JSON, images and plain text: nothing to load, run or frame.
@@ -109,3 +109,54 @@ class AdminAuthMiddleware:
             await send({"type": "http.response.body", "body": body})
             return
         await self.app(scope, receive, send)
+
+
+class HeadMiddleware:
+    """HEAD on every GET route (RFC 9110; load balancers probe with it): answered as the
+    GET would be, headers and all, without the body."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
+class AllowedHostsMiddleware:
+    """ALEXNET_ALLOWED_HOSTS: answer only requests whose Host is listed (DNS rebinding: a
+    web page on another name resolving to this server); `*.example.com` matches subdomains.
+    400 in the error envelope otherwise."""
+
+    def __init__(self, app: ASGIApp, hosts: list[str]) -> None:
+        self.app, self.hosts = app, [h.lower() for h in hosts]
+
+    def allowed(self, host: str) -> bool:
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        name = name.lower()
+        return any(name == h or (h.startswith("*.") and name.endswith(h[1:])) for h in self.hosts)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+        if self.allowed(host):
+            await self.app(scope, receive, send)
+            return
+        err = BadRequest(f"host {clip(host, 100)!r} is not one of ALEXNET_ALLOWED_HOSTS")
+        body = json.dumps(err.body()).encode()
+        await send({"type": "http.response.start", "status": err.status, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})

@@ -76,6 +76,13 @@ class Settings(BaseSettings):
     bootstrap_epochs: int = Field(0, ge=0, le=1000)  # 0: the built-in recipe's
     shutdown_timeout_s: float = Field(8.0, ge=0)  # below Docker's 10 s stop grace
     cors_origins: list[str] = Field(default_factory=list)
+    # Host names this server answers to (JSON list; `*.example.com` for subdomains); empty:
+    # any. Set it on a server a browser can reach under a name (DNS rebinding).
+    allowed_hosts: list[str] = Field(default_factory=list)
+    # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (uvicorn's
+    # forwarded_allow_ips: comma-separated addresses or networks, `*` for any); empty:
+    # none, the client's own address is used.
+    forwarded_allow_ips: str = ""
     log_level: str = "info"
 
     @cached_property

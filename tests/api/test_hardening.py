@@ -101,4 +101,50 @@ def test_the_page_and_the_api_send_browser_security_headers(client: TestClient) 
         assert r.headers["x-frame-options"] == "DENY"
         assert r.headers["referrer-policy"] == "no-referrer"
         assert "content-security-policy" in r.headers
-    assert client.get("/v1/models").headers["content-security-policy"].startswith("default-src 'none'")
+    assert (
+        client.get("/v1/models").headers["content-security-policy"].startswith("default-src 'none'")
+    )
+
+
+def test_head_on_every_get_route(client: TestClient) -> None:
+    for path in ("/healthz", "/readyz", "/v1/models", "/", "/openapi.json", "/metrics"):
+        get, head = client.get(path), client.head(path)
+        assert head.status_code == get.status_code == 200, (path, head.status_code)
+        assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+    r = client.head("/v1/classify")  # a POST-only route: 405 naming what it accepts
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize(
+    ("ctype", "status"),
+    [("MULTIPART/FORM-DATA; boundary=B", 200), ("Multipart/Form-Data; boundary=B", 200),
+     ("multipart/form-dataX; boundary=B", 415), ("multipart/form-data-x; boundary=B", 415)],
+)  # fmt: skip
+def test_media_types_are_compared_exactly_in_any_case(
+    client: TestClient, jpeg_photos: list[Path], ctype: str, status: int
+) -> None:
+    body = (b'--B\r\nContent-Disposition: form-data; name="file"; filename="p.jpg"\r\n\r\n'
+            + jpeg_photos[0].read_bytes() + b"\r\n--B--\r\n")  # fmt: skip
+    r = client.post("/v1/classify", content=body, headers={"Content-Type": ctype})
+    assert r.status_code == status, r.text
+
+
+def test_metrics_method_labels_come_from_a_fixed_set(client: TestClient) -> None:
+    client.request("FOOBAR", "/healthz")
+    text = client.get("/metrics").text
+    assert 'method="FOOBAR"' not in text and 'method="other"' in text
+
+
+def test_no_redirect_built_from_the_host_header(client: TestClient) -> None:
+    r = client.get("/v1/models/", headers={"Host": "evil.example"}, follow_redirects=False)
+    assert r.status_code == 404 and "location" not in r.headers
+
+
+def test_allowed_hosts(tmp_path: Path) -> None:
+    with make_client(
+        tmp_path, run_jobs=False, allowed_hosts=["api.example.com", "*.corp.example"]
+    ) as c:
+        assert c.get("/healthz", headers={"Host": "api.example.com"}).status_code == 200
+        assert c.get("/healthz", headers={"Host": "x.corp.example:8000"}).status_code == 200
+        r = c.get("/healthz", headers={"Host": "rebound.attacker.example"})
+        assert_error(r, 400, "invalid_request")
