@@ -77,10 +77,13 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._tail = b""  # the last bytes of the head so far (an end split across reads)
         self._body_bytes = 0
         self._body_limit: int | None = None
+        self._malformed_pending = False  # a 400 to send once the requests before it are answered
 
     # ---------------------------------------------------------------- byte bounds
 
     def data_received(self, data: bytes) -> None:
+        if self._malformed_pending:
+            return  # the stream is broken: nothing after the bad request is read
         if self._in_head and not self._count_head(data):
             return
         if not self._in_head and self._body_limit is not None:
@@ -139,9 +142,24 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn answers unparseable requests (a lying Content-Length, a malformed
-        chunk, bad header bytes) in plain text; here in the API's error envelope."""
-        self.transport.write(_MALFORMED_RESPONSE)
-        self.transport.close()
+        chunk, bad header bytes) in plain text, at once; here in the API's error envelope,
+        and only after every request before it on the connection has been answered, in
+        order (a pipelining client would otherwise take the 400 as the first request's
+        answer, and those requests' answers would be written to a closed transport)."""
+        if self._answering():
+            self._malformed_pending = True
+            return
+        self._write_malformed()
+
+    def _answering(self) -> bool:
+        cycle = self.cycle
+        return bool(self.pipeline) or (cycle is not None and not cycle.response_complete)
+
+    def _write_malformed(self) -> None:
+        self._malformed_pending = False
+        if not self.transport.is_closing():
+            self.transport.write(_MALFORMED_RESPONSE)
+            self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -162,6 +180,9 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self._malformed_pending and not self._answering():
+            self._write_malformed()
+            return
         if not self.transport.is_closing() and not self.pipeline:
             self._arm()  # the next request's headers (an idle connection hits keep-alive first)
 

@@ -412,6 +412,53 @@ def test_chunk_framing_counts_against_the_body_limit(server: Server, size_line: 
     assert reply.closed
 
 
+def _read_until_closed(sock: socket.socket, wait_s: float = 30) -> bytes:
+    got = b""
+    sock.settimeout(wait_s)
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            got += data
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return got
+
+
+def test_pipelined_requests_are_answered_in_order_before_the_400(
+    server: Server, photo: bytes
+) -> None:
+    """Two uploads, then garbage, on one connection in one write: both are answered, in
+    order, then the 400 goes out and the connection closes; nothing is logged as an error."""
+    log_before = len(server.log.read_bytes())
+    one = post("/v1/classify", part("file", photo, "p.jpg") + END)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(one + one + b"GARBAGE\r\n\r\n")
+    got = _read_until_closed(sock)
+    sock.close()
+    statuses = [int(m) for m in re.findall(rb"HTTP/1\.1 (\d{3}) ", got)]
+    assert statuses == [200, 200, 400], (statuses, got[-500:])
+    assert got.count(b'"predictions"') == 2 and b"invalid_request" in got
+    new_log = server.log.read_bytes()[log_before:]
+    assert b"Traceback" not in new_log and b"ERROR" not in new_log, new_log[-2000:]
+
+
+def test_a_pipelining_client_that_hangs_up_leaves_no_traceback(
+    server: Server, photo: bytes
+) -> None:
+    log_before = len(server.log.read_bytes())
+    one = post("/v1/classify", part("file", photo, "p.jpg") + END)
+    for _ in range(5):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        sock.sendall(one * 4)
+        sock.close()  # gone before any answer
+    r = httpx.post(server.url + "/v1/classify", files={"file": ("a.jpg", photo)}, timeout=30)
+    assert r.status_code == 200
+    new_log = server.log.read_bytes()[log_before:]
+    assert b"Traceback" not in new_log and b"ERROR" not in new_log, new_log[-2000:]
+
+
 def test_after_all_that_memory_is_bounded_and_nothing_crashed(server: Server, photo: bytes) -> None:
     """Run last in this module: the server's peak RSS rose by a bounded amount over the
     hostile requests above, its log has no traceback, and it serves."""
