@@ -158,6 +158,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         forwarded_allow_ips=s.forwarded_allow_ips or None,
         http=with_header_timeout(
             s.header_timeout_s,
+            write_timeout_s=s.write_timeout_s,
             max_header_bytes=s.max_header_bytes,
             max_header_connections=s.max_header_connections,
             body_limit_for=body_limits(s.max_upload_bytes, s.max_files),

@@ -6,6 +6,8 @@ envelope.
   header line it has not finished in memory, so 100 clients sending 10 MiB of never-ending
   header each cost 1 GB; and a bound on the connections whose head is in flight at once
   (`max_header_connections`, 429 to the next).
+- A write deadline: a client whose unread answers fill the send buffer has
+  `write_timeout_s` to read some, or the connection is dropped.
 - Every byte of a body's framing counts (chunk sizes and extensions too): `1;` followed by
   endless extension bytes is parsed by httptools but never reaches the ASGI app's body
   limit. Past the route's limit plus a margin for framing the answer is 413.
@@ -19,7 +21,10 @@ client gets 408 and the connection is closed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
+import struct
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
@@ -64,6 +69,7 @@ class _HeadsInFlight:
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):
     header_timeout_s: float = 10.0
+    write_timeout_s: float = 30.0
     max_header_bytes: int = 64 * 1024
     max_header_connections: int = 1024
     body_limit_for: Callable[[str], int] | None = None
@@ -78,6 +84,8 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._body_bytes = 0
         self._body_limit: int | None = None
         self._malformed_pending = False  # a 400 to send once the requests before it are answered
+        self._write_deadline: asyncio.TimerHandle | None = None
+        self._running_cycle: Any = None  # the request whose app is running (pipelining)
 
     # ---------------------------------------------------------------- byte bounds
 
@@ -146,10 +154,10 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         and only after every request before it on the connection has been answered, in
         order (a pipelining client would otherwise take the 400 as the first request's
         answer, and those requests' answers would be written to a closed transport)."""
-        if self._answering():
+        if self._in_head and self._answering():  # a bad request after complete ones
             self._malformed_pending = True
             return
-        self._write_malformed()
+        self._write_malformed()  # (a bad body: the request being answered is the bad one)
 
     def _answering(self) -> bool:
         cycle = self.cycle
@@ -157,6 +165,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def _write_malformed(self) -> None:
         self._malformed_pending = False
+        self._mark_disconnected()  # nothing more is written after the 400
         if not self.transport.is_closing():
             self.transport.write(_MALFORMED_RESPONSE)
             self.transport.close()
@@ -186,7 +195,49 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         if not self.transport.is_closing() and not self.pipeline:
             self._arm()  # the next request's headers (an idle connection hits keep-alive first)
 
+    # ---------------------------------------------------------------- write deadline
+
+    def pause_writing(self) -> None:
+        """The client stopped reading and our send buffer is full: it has `write_timeout_s`
+        to take some of it, or the connection is dropped (a client that pipelines requests
+        and never reads would otherwise hold their answers, and the connection, for ever)."""
+        super().pause_writing()
+        if self._write_deadline is None:
+            self._write_deadline = self.loop.call_later(self.write_timeout_s, self._drop)
+
+    def _drop(self) -> None:
+        """Reset the connection: a plain close would queue its FIN behind the unsent
+        answers, which a client that does not read never receives."""
+        self._write_deadline = None
+        sock = self.transport.get_extra_info("socket")
+        with contextlib.suppress(OSError, AttributeError, TypeError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        self._running_cycle = cycle
+        super()._start_asgi_task(cycle, app)
+
+    def _mark_disconnected(self) -> None:
+        for cycle in (self._running_cycle, self.cycle, *(c for c, _ in self.pipeline)):
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        # uvicorn marks only the newest request parsed as disconnected; with pipelining the
+        # one running may be an earlier one, whose answer would then be written to a closed
+        # transport (a RuntimeError traceback per request). Mark them all.
+        self._mark_disconnected()
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
         self._disarm()
         self._release_head()
         super().connection_lost(exc)
@@ -195,12 +246,14 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 def with_header_timeout(
     seconds: float,
     *,
+    write_timeout_s: float = 30.0,
     max_header_bytes: int = 64 * 1024,
     max_header_connections: int = 1024,
     body_limit_for: Callable[[str], int] | None = None,
 ) -> type[HeaderDeadlineProtocol]:
     attrs: dict[str, Any] = {
-        "header_timeout_s": seconds, "max_header_bytes": max_header_bytes,
+        "header_timeout_s": seconds, "write_timeout_s": write_timeout_s,
+        "max_header_bytes": max_header_bytes,
         "max_header_connections": max_header_connections,
         "body_limit_for": staticmethod(body_limit_for) if body_limit_for else None,
     }  # fmt: skip

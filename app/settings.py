@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     # (slowloris) cannot hold connections.
     header_timeout_s: float = Field(10.0, gt=0, le=600)
     body_timeout_s: float = Field(60.0, gt=0, le=3600)
+    # A client that stops reading while its answers fill the send buffer has this long to
+    # read some before the connection is dropped.
+    write_timeout_s: float = Field(30.0, gt=0, le=3600)
     # A request's head (request line and headers) is at most this many bytes (431), and at
     # most this many connections may be sending one at once (429 to the next): together
     # they bound the memory that unfinished headers can take (64 MiB by default).

@@ -34,7 +34,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, photo_dir: Path) -> Iterato
     make_version(home / "models", activate=True)
     with Server(home, ALEXNET_HEADER_TIMEOUT_S="2", ALEXNET_BODY_TIMEOUT_S="2",
                 ALEXNET_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT),
-                ALEXNET_MAX_HEADER_CONNECTIONS=str(HEAD_CONNECTIONS)) as srv:  # fmt: skip
+                ALEXNET_MAX_HEADER_CONNECTIONS=str(HEAD_CONNECTIONS),
+                ALEXNET_WRITE_TIMEOUT_S="2") as srv:  # fmt: skip
         # Warm up with the largest ordinary request (a full batch), then reset the peak:
         # what the hostile requests add on top of normal serving is what is measured.
         photo = sorted(photo_dir.glob("*.jpg"))[0].read_bytes()
@@ -457,6 +458,26 @@ def test_a_pipelining_client_that_hangs_up_leaves_no_traceback(
     assert r.status_code == 200
     new_log = server.log.read_bytes()[log_before:]
     assert b"Traceback" not in new_log and b"ERROR" not in new_log, new_log[-2000:]
+
+
+def test_a_client_that_never_reads_its_answers_is_dropped(server: Server) -> None:
+    """Hundreds of pipelined requests for the OpenAPI document, never read: once the send
+    buffers are full the client has the write deadline (2 s here) to read, then the
+    connection is dropped; meanwhile others are served."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 400)
+        assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
+        deadline = time.monotonic() + 60  # a generous bound on "dropped after ~2 s"
+        dropped = False
+        while time.monotonic() < deadline and not dropped:
+            dropped = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+            if not dropped:
+                time.sleep(0.1)
+        assert dropped, "the server still holds a connection whose client never reads"
+    finally:
+        sock.close()
 
 
 def test_after_all_that_memory_is_bounded_and_nothing_crashed(server: Server, photo: bytes) -> None:
