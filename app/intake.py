@@ -126,7 +126,32 @@ async def _send_error(send: Send, err: AppError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def read_form(request: Request, *, max_files: int) -> FormData:
+class _BoundedFilesParser(MultiPartParser):
+    """Starlette's parser, keeping at most `max_file_bytes + 1` bytes of each file part: the
+    rest streams past without being spooled to disk, and `read_upload` then answers 413 for
+    that file (a batch's other files are still classified). Without it a 200 MiB part was
+    written to /tmp whole before the per-file limit was checked."""
+
+    def __init__(self, *args: Any, max_file_bytes: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_file_bytes = max_file_bytes
+        self._file_bytes = 0
+
+    def on_part_begin(self) -> None:
+        super().on_part_begin()
+        self._file_bytes = 0
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._current_part.file is not None:
+            room = self.max_file_bytes + 1 - self._file_bytes
+            if room <= 0:
+                return
+            end = min(end, start + room)
+            self._file_bytes += end - start
+        super().on_part_data(data, start, end)
+
+
+async def read_form(request: Request, *, max_files: int, max_file_bytes: int) -> FormData:
     """Parse multipart/form-data with bounds on files and fields. A body that ends before
     its closing boundary is malformed (400), not a form with the last part missing."""
     ctype = request.headers.get("content-type", "")
@@ -138,8 +163,9 @@ async def read_form(request: Request, *, max_files: int) -> FormData:
         )
     closing = b"--" + params.get(b"boundary", b"") + b"--"
     seen = _Marker(closing)
-    parser = MultiPartParser(request.headers, seen.watch(request.stream()), max_files=max_files,
-                             max_fields=16, max_part_size=64 * 1024)  # fmt: skip
+    parser = _BoundedFilesParser(request.headers, seen.watch(request.stream()),
+                                 max_files=max_files, max_fields=16, max_part_size=64 * 1024,
+                                 max_file_bytes=max_file_bytes)  # fmt: skip
     try:
         form = await parser.parse()
     except MultiPartException as exc:

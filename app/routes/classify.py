@@ -140,7 +140,7 @@ async def classify(request: Request, state: StateDep, top_k: TopK = None) -> Cla
     loaded = state.model
     k = _top_k(loaded, top_k)
     await _admit(state, request)
-    form = await read_form(request, max_files=1)
+    form = await read_form(request, max_files=1, max_file_bytes=state.settings.max_upload_bytes)
     try:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
@@ -168,7 +168,9 @@ async def classify_batch(request: Request, state: StateDep, top_k: TopK = None) 
     loaded = state.model
     k = _top_k(loaded, top_k)
     await _admit(state, request)
-    form = await read_form(request, max_files=state.settings.max_files)
+    form = await read_form(
+        request, max_files=state.settings.max_files, max_file_bytes=state.settings.max_upload_bytes
+    )
     try:
         uploads = [u for u in form.getlist("files") if isinstance(u, UploadFile)]
         if not uploads:

@@ -480,6 +480,45 @@ def test_a_client_that_never_reads_its_answers_is_dropped(server: Server) -> Non
         sock.close()
 
 
+def _spooled_bytes(srv: Server) -> int:
+    """Bytes in the server's open temp files (spooled multipart parts, already unlinked)."""
+    assert srv.proc is not None
+    total = 0
+    for fd in Path(f"/proc/{srv.proc.pid}/fd").iterdir():
+        try:
+            if "(deleted)" in str(fd.readlink()) or "/tmp" in str(fd.readlink()):
+                total += fd.stat().st_size
+        except OSError:
+            continue
+    return total
+
+
+def test_an_oversized_file_part_is_never_spooled_whole(server: Server, photo: bytes) -> None:
+    """A 20 MiB file part (limit 1 MiB) in a batch: at most the limit of it reaches the temp
+    disk, that file alone gets 413 and the other file is classified."""
+    big = b"\xff\xd8\xff" + b"\0" * (20 * 1024 * 1024)
+    body = part("files", photo, "good.jpg") + part("files", big, "big.jpg") + END
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _spooled_bytes(server))
+            done.wait(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        reply = exchange(server, [post("/v1/classify/batch", body)], wait_s=60)
+    finally:
+        done.set()
+        sampler.join()
+    assert reply.status == 200, reply
+    good, too_big = json.loads(reply.body)["results"]
+    assert "predictions" in good and too_big["error"]["code"] == "payload_too_large"
+    assert peak[0] < 3 * UPLOAD_LIMIT, f"{peak[0]} bytes spooled"
+
+
 def test_after_all_that_memory_is_bounded_and_nothing_crashed(server: Server, photo: bytes) -> None:
     """Run last in this module: the server's peak RSS rose by a bounded amount over the
     hostile requests above, its log has no traceback, and it serves."""
