@@ -109,8 +109,10 @@ class BodyLimitMiddleware:
 
         async def closing_send(message: Message) -> None:
             if message["type"] == "http.response.start" and has_body and not body_done:
-                extra = [(b"connection", b"close")]
-                message = {**message, "headers": [*message.get("headers", []), *extra]}
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == b"connection" for k, _ in headers):  # (a 408 has one)
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
             await send(message)
 
         await self.app(scope, limited_receive, closing_send)

@@ -133,6 +133,7 @@ def test_trickled_body_gets_408(server: Server) -> None:
     got, seconds = trickle(server, head, b"x", threading.Event())
     assert got.startswith(b"HTTP/1.1 408"), got[:300]
     assert b'"request_timeout"' in got
+    assert got.lower().count(b"\r\nconnection: close") == 1, got[:300]  # one, not two
     assert seconds < 10
     assert httpx.get(server.url + "/readyz", timeout=10).status_code == 200
 
