@@ -33,6 +33,7 @@ from app.middleware import (
     AdminAuthMiddleware,
     AllowedHostsMiddleware,
     HeadMiddleware,
+    NoWebSocketMiddleware,
     SecurityHeadersMiddleware,
     page_csp,
 )
@@ -251,6 +252,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_age=600,
         )
     app.add_middleware(HeadMiddleware)
+    app.add_middleware(NoWebSocketMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware)
     if settings.allowed_hosts:

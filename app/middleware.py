@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 
 from pydantic import SecretStr
 
-from app.errors import AdminDisabled, AppError, BadRequest, Unauthorized, clip
+from app.errors import AdminDisabled, AppError, BadRequest, NotFound, Unauthorized, clip
 from app.intake import ASGIApp, Message, Receive, Scope, Send
 
 # For JSON, images and plain text: nothing to load, run or frame.
@@ -160,3 +160,26 @@ class AllowedHostsMiddleware:
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"connection", b"close")]})  # fmt: skip
         await send({"type": "http.response.body", "body": body})
+
+
+class NoWebSocketMiddleware:
+    """This API has no websocket endpoint: an upgrade request is answered in the error
+    envelope (404, through the ASGI websocket denial-response extension) rather than with
+    the server's bare 403."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket":
+            await self.app(scope, receive, send)
+            return
+        await receive()  # websocket.connect
+        if "websocket.http.response" not in (scope.get("extensions") or {}):
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        err = NotFound("no websocket endpoint here: this API is plain HTTP")
+        body = json.dumps(err.body()).encode()
+        await send({"type": "websocket.http.response.start", "status": err.status, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
+        await send({"type": "websocket.http.response.body", "body": body})

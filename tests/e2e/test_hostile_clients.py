@@ -520,6 +520,13 @@ def test_an_oversized_file_part_is_never_spooled_whole(server: Server, photo: by
     assert peak[0] < 3 * UPLOAD_LIMIT, f"{peak[0]} bytes spooled"
 
 
+def test_a_websocket_upgrade_is_answered_in_the_envelope(server: Server) -> None:
+    raw = (b"GET /v1/classify HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+           b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+           b"Sec-WebSocket-Version: 13\r\n\r\n")  # fmt: skip
+    assert_error(exchange(server, [raw]), 404, "not_found")
+
+
 def test_after_all_that_memory_is_bounded_and_nothing_crashed(server: Server, photo: bytes) -> None:
     """Run last in this module: the server's peak RSS rose by a bounded amount over the
     hostile requests above, its log has no traceback, and it serves."""
