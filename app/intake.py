@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import torch
 from python_multipart.multipart import parse_options_header
@@ -17,6 +17,7 @@ from starlette.requests import Request
 from app.errors import (
     AppError,
     BadRequest,
+    Overloaded,
     PayloadTooLarge,
     RequestBodyTimeout,
     TooManyFiles,
@@ -33,6 +34,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers on top of the files
 JSON_BODY_LIMIT = 1024 * 1024  # admin request bodies
+UPLOAD_PATHS: Final = frozenset({"/v1/classify", "/v1/classify/batch"})
 
 
 def body_limits(max_upload_bytes: int, max_files: int) -> Callable[[str], int]:
@@ -56,11 +58,18 @@ class BodyLimitMiddleware:
     Content-Length says so, else as soon as the streamed bytes pass the limit (413
     payload_too_large), before the body is spooled anywhere. The whole body must arrive
     within `body_timeout_s` of its first read (408), and a response sent before the body
-    was read to its end closes the connection."""
+    was read to its end closes the connection.
+
+    Upload bytes in flight (received by requests not finished yet, in memory or spooled to
+    disk) have a budget across all connections, `max_in_flight_bytes`: past it a new upload
+    is refused with 429 and Retry-After before any of its body is read."""
 
     def __init__(self, app: ASGIApp, limit_for: Callable[[str], int],
-                 body_timeout_s: float = 60.0) -> None:  # fmt: skip
+                 body_timeout_s: float = 60.0, max_in_flight_bytes: int = 0,
+                 upload_paths: frozenset[str] = UPLOAD_PATHS) -> None:  # fmt: skip
         self.app, self.limit_for, self.body_timeout_s = app, limit_for, body_timeout_s
+        self.max_in_flight_bytes, self.upload_paths = max_in_flight_bytes, upload_paths
+        self.in_flight_bytes = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -78,6 +87,12 @@ class BodyLimitMiddleware:
                 await _send_error(send, PayloadTooLarge(
                     f"request body is {int(declared)} bytes; the limit here is {limit}"))  # fmt: skip
                 return
+        upload = scope["path"] in self.upload_paths
+        if upload and self.max_in_flight_bytes and self.in_flight_bytes >= self.max_in_flight_bytes:
+            await _send_error(send, Overloaded(
+                f"{self.in_flight_bytes} bytes of uploads are being received; retry shortly",
+                retry_after_s=1))  # fmt: skip
+            return
         received = 0
         body_done = False
         deadline: float | None = None  # the whole body within body_timeout_s
@@ -96,7 +111,10 @@ class BodyLimitMiddleware:
                     f"the request body did not arrive within {self.body_timeout_s:g} s"
                 ) from None
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                n = len(message.get("body", b""))
+                received += n
+                if upload:
+                    self.in_flight_bytes += n
                 if received > limit:
                     raise PayloadTooLarge(f"request body is larger than {limit} bytes")
                 body_done = not message.get("more_body", False)
@@ -115,16 +133,21 @@ class BodyLimitMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
-        await self.app(scope, limited_receive, closing_send)
+        try:
+            await self.app(scope, limited_receive, closing_send)
+        finally:
+            if upload:
+                self.in_flight_bytes -= received
 
 
 async def _send_error(send: Send, err: AppError) -> None:
     import json
 
     body = json.dumps(err.body()).encode()
+    extra = [(k.lower().encode(), v.encode()) for k, v in (err.headers() or {}).items()]
     await send({"type": "http.response.start", "status": err.status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close")]})  # fmt: skip
+        (b"connection", b"close"), *extra]})  # fmt: skip
     await send({"type": "http.response.body", "body": body})
 
 

@@ -235,7 +235,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     limit_for = body_limits(settings.max_upload_bytes, settings.max_files)
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for,
-                       body_timeout_s=settings.body_timeout_s)  # fmt: skip
+                       body_timeout_s=settings.body_timeout_s,
+                       max_in_flight_bytes=settings.max_upload_bytes_in_flight)  # fmt: skip
     # Outside the body limit and everything that reads a body: an unauthenticated /admin
     # request is 401 whatever it sends (and its connection is closed unread).
     app.add_middleware(AdminAuthMiddleware, token=lambda: settings.admin_token)

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, le=89_478_485)  # <= Pillow's own bound
     max_image_side: int = Field(20_000, ge=64)
     max_files: int = Field(32, ge=1, le=256)
+    # Upload bytes being received at once, all connections together (memory and temp disk):
+    # past it new uploads get 429 with Retry-After (0: no budget). One request is always
+    # admitted when nothing else is in flight, however large its body may be.
+    max_upload_bytes_in_flight: int = Field(256 * 1024 * 1024, ge=0)
 
     admin_token: SecretStr | None = None
     # Training jobs: one at a time, niced, with capped threads so serving keeps its share.

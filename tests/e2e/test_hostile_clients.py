@@ -35,7 +35,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, photo_dir: Path) -> Iterato
     with Server(home, ALEXNET_HEADER_TIMEOUT_S="2", ALEXNET_BODY_TIMEOUT_S="2",
                 ALEXNET_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT),
                 ALEXNET_MAX_HEADER_CONNECTIONS=str(HEAD_CONNECTIONS),
-                ALEXNET_WRITE_TIMEOUT_S="2") as srv:  # fmt: skip
+                ALEXNET_WRITE_TIMEOUT_S="2",
+                ALEXNET_MAX_UPLOAD_BYTES_IN_FLIGHT=str(IN_FLIGHT)) as srv:  # fmt: skip
         # Warm up with the largest ordinary request (a full batch), then reset the peak:
         # what the hostile requests add on top of normal serving is what is measured.
         photo = sorted(photo_dir.glob("*.jpg"))[0].read_bytes()
@@ -50,6 +51,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, photo_dir: Path) -> Iterato
 
 UPLOAD_LIMIT = 1024 * 1024  # per file; /v1/classify takes this plus 64 KiB of multipart
 HEAD_CONNECTIONS = 64  # connections sending request headers at once (the slowloris test: 40)
+IN_FLIGHT = 40 * 1024 * 1024  # upload bytes being received at once, all connections together
 
 
 def reset_peak_rss(srv: Server) -> None:
@@ -525,6 +527,37 @@ def test_a_websocket_upgrade_is_answered_in_the_envelope(server: Server) -> None
            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
            b"Sec-WebSocket-Version: 13\r\n\r\n")  # fmt: skip
     assert_error(exchange(server, [raw]), 404, "not_found")
+
+
+def test_upload_bytes_in_flight_have_a_global_budget(server: Server, photo: bytes) -> None:
+    """Two batches each holding back their last bytes after ~25 MiB (the batch limit is
+    32 MiB here): together past the 40 MiB budget, so a third upload is refused with 429
+    and Retry-After before its body is read; once they end, uploads are taken again."""
+    body = (
+        part("files", photo, "good.jpg") + part("files", b"\0" * (25 * 1024 * 1024), "x.jpg") + END
+    )
+    holders = []
+    try:
+        for _ in range(2):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+            sock.sendall(post("/v1/classify/batch", body)[:-10])  # all but the end
+            holders.append(sock)
+        deadline = time.monotonic() + 30  # until the server has read what they sent
+        while True:
+            reply = exchange(server, [post("/v1/classify", part("file", photo, "p.jpg") + END)])
+            if reply.status != 200 or time.monotonic() > deadline:
+                break
+        assert_error(reply, 429, "overloaded")
+        assert int(reply.headers["retry-after"]) >= 1
+    finally:
+        for sock in holders:
+            sock.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        r = httpx.post(server.url + "/v1/classify", files={"file": ("a.jpg", photo)}, timeout=30)
+        if r.status_code == 200:
+            break
+    assert r.status_code == 200, r.text
 
 
 def test_after_all_that_memory_is_bounded_and_nothing_crashed(server: Server, photo: bytes) -> None:
