@@ -126,3 +126,23 @@ def test_requests_past_their_deadline_get_504(tmp_path: Path, jpeg_photos: list[
         late = next(r for r in responses if r.status_code == 504)
         assert late.json()["error"]["code"] == "timeout"
         assert set(codes) <= {200, 504}
+
+
+def test_forwarded_headers_are_believed_only_from_configured_proxies(tmp_path: Path) -> None:
+    """X-Forwarded-For from a client that is not a configured proxy is ignored (uvicorn
+    alone trusts 127.0.0.1); with ALEXNET_FORWARDED_ALLOW_IPS naming the proxy it is used.
+    The access log shows which address was taken."""
+    home = tmp_path / "home"
+    make_version(home / "models", activate=True)
+    spoof = {"X-Forwarded-For": "203.0.113.9"}
+    with Server(home, ALEXNET_LOG_LEVEL="info") as srv:
+        assert httpx.get(srv.url + "/healthz", headers=spoof).status_code == 200
+        assert httpx.get(srv.url + "/readyz").status_code == 200  # (the log line is written)
+        log = srv.log.read_text()
+    assert "203.0.113.9" not in log and "127.0.0.1:" in log
+    home2 = tmp_path / "home2"
+    make_version(home2 / "models", activate=True)
+    with Server(home2, ALEXNET_LOG_LEVEL="info", ALEXNET_FORWARDED_ALLOW_IPS="127.0.0.1") as srv:
+        assert httpx.get(srv.url + "/healthz", headers=spoof).status_code == 200
+        assert httpx.get(srv.url + "/readyz").status_code == 200
+        assert "203.0.113.9" in srv.log.read_text()
