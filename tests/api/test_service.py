@@ -197,8 +197,13 @@ def test_unknown_query_parameters_are_named_not_ignored(client: TestClient) -> N
     assert client.get("/?utm_source=x").status_code == 200  # the page is not an API route
 
 
-def test_405_lists_every_allowed_method(client: TestClient) -> None:
+def test_405_lists_every_allowed_method(client: TestClient, tmp_path: Path) -> None:
     r = client.put("/v1/classify")
     assert_error(r, 405, "method_not_allowed")
     assert r.headers["allow"] == "POST"
-    assert client.delete("/admin/jobs").headers["allow"] == "GET, POST"
+    # /admin authenticates first (503 here: no token); with the token, every method of the
+    # path is named, HEAD with GET
+    assert_error(client.delete("/admin/jobs"), 503, "admin_disabled")
+    with make_client(tmp_path, admin_token="t", run_jobs=False) as admin:
+        r = admin.delete("/admin/jobs", headers={"Authorization": "Bearer t"})
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD, POST"
