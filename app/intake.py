@@ -84,12 +84,12 @@ class BodyLimitMiddleware:
             except ValueError:
                 too_big = False  # h11/httptools reject malformed lengths themselves
             if too_big:
-                await _send_error(send, PayloadTooLarge(
+                await send_error(send, PayloadTooLarge(
                     f"request body is {int(declared)} bytes; the limit here is {limit}"))  # fmt: skip
                 return
         upload = scope["path"] in self.upload_paths
         if upload and self.max_in_flight_bytes and self.in_flight_bytes >= self.max_in_flight_bytes:
-            await _send_error(send, Overloaded(
+            await send_error(send, Overloaded(
                 f"{self.in_flight_bytes} bytes of uploads are being received; retry shortly",
                 retry_after_s=1))  # fmt: skip
             return
@@ -140,7 +140,9 @@ class BodyLimitMiddleware:
                 self.in_flight_bytes -= received
 
 
-async def _send_error(send: Send, err: AppError) -> None:
+async def send_error(send: Send, err: AppError) -> None:
+    """`err` in the error envelope from a raw ASGI middleware (below the app's handlers),
+    closing the connection: the request's body is left unread."""
     import json
 
     body = json.dumps(err.body()).encode()

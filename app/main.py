@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 import warnings
+from collections import Counter
 from collections.abc import AsyncIterator
 from importlib import resources
 
@@ -147,8 +148,8 @@ async def reject_unknown_query(request: Request) -> None:
     if not isinstance(route, APIRoute) or not route.include_in_schema:
         return
     declared = _query_names(route.dependant)
-    names = [k for k, _ in request.query_params.multi_items()]
-    repeated = sorted({k for k in names if names.count(k) > 1} & declared)
+    counts = Counter(k for k, _ in request.query_params.multi_items())
+    repeated = sorted(k for k, n in counts.items() if n > 1 and k in declared)
     if repeated:  # every parameter here is a scalar: `?top_k=1&top_k=2` is ambiguous
         raise ValidationFailed(
             f"query parameter(s) given more than once: {', '.join(repeated)}",

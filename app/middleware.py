@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from pydantic import SecretStr
 
 from app.errors import AdminDisabled, AppError, BadRequest, NotFound, Unauthorized, clip
-from app.intake import ASGIApp, Message, Receive, Scope, Send
+from app.intake import ASGIApp, Message, Receive, Scope, Send, send_error
 
 # For JSON, images and plain text: nothing to load, run or frame.
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
@@ -101,12 +101,7 @@ class AdminAuthMiddleware:
         try:
             check_admin_token(self.token(), auth.decode("latin-1") if auth else None)
         except AppError as err:
-            body = json.dumps(err.body()).encode()
-            extra = [(k.lower().encode(), v.encode()) for k, v in (err.headers() or {}).items()]
-            await send({"type": "http.response.start", "status": err.status, "headers": [
-                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"), *extra]})  # fmt: skip
-            await send({"type": "http.response.body", "body": body})
+            await send_error(send, err)
             return
         await self.app(scope, receive, send)
 
@@ -154,12 +149,9 @@ class AllowedHostsMiddleware:
         if self.allowed(host):
             await self.app(scope, receive, send)
             return
-        err = BadRequest(f"host {clip(host, 100)!r} is not one of ALEXNET_ALLOWED_HOSTS")
-        body = json.dumps(err.body()).encode()
-        await send({"type": "http.response.start", "status": err.status, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close")]})  # fmt: skip
-        await send({"type": "http.response.body", "body": body})
+        await send_error(
+            send, BadRequest(f"host {clip(host, 100)!r} is not one of ALEXNET_ALLOWED_HOSTS")
+        )
 
 
 class NoWebSocketMiddleware:

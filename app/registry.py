@@ -18,15 +18,14 @@ from typing import Any
 import torch
 
 from model.checkpoint import (
-    CARD_FILE,
     CheckpointError,
     ModelCard,
-    check_version_name,
     list_cards,
     load_version,
     read_active,
     remove_partial_saves,
     resolve_version_dir,
+    stored_version_dir,
     write_active,
 )
 from model.device import Placement
@@ -154,11 +153,7 @@ class Registry:
 
     def stored_version_dir(self, version: str) -> Path:
         """A version stored under models_dir, by name only (never a path)."""
-        check_version_name(version)
-        path = self.models_dir / version
-        if not (path / CARD_FILE).is_file():
-            raise CheckpointError(f"no model version {version!r}")
-        return path
+        return stored_version_dir(self.models_dir, version)
 
     def candidates(self) -> list[str]:
         """Versions to try at startup: ACTIVE first, then the others newest first, so a

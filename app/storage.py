@@ -23,13 +23,12 @@ from typing import Final
 
 from app.jobs import RESUMABLE, Job, JobStore
 from model.checkpoint import (
-    CARD_FILE,
     CheckpointError,
-    check_version_name,
     fsync_dir,
     iter_version_dirs,
     read_active,
     run_in_use,
+    stored_version_dir,
 )
 from model.trainer import BEST_FILE, STATE_FILE
 
@@ -96,10 +95,7 @@ def delete_version(
 
     The folder is first renamed to a hidden temp name, so a crash midway leaves no
     half-deleted version that looks loadable (the leftover is removed as a partial save)."""
-    check_version_name(version)
-    path = models_dir / version
-    if not (path / CARD_FILE).is_file():
-        raise CheckpointError(f"no model version {version!r}")
+    path = stored_version_dir(models_dir, version)
     users = version_users(version, models_dir=models_dir, jobs=jobs, serving=serving)
     if users:
         raise InUse(f"version {version} is in use: {'; '.join(users)}")

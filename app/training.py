@@ -257,8 +257,8 @@ def run_train(args: argparse.Namespace, argv: Sequence[str], s: Settings) -> int
 
 
 def fine_tune_defaults(models_dir: Path, base: str, given: dict[str, Any]) -> dict[str, Any]:
-    """Fine-tuning options taken from the base version: its name (`active` resolved, so the
-    run records what it really started from) and its image size unless one was given."""
+    """Fine-tuning options taken from the base version (`ModelCard.fine_tune_defaults`):
+    `active` resolved, so the run records what it really started from."""
     from model.checkpoint import CheckpointError, read_card, resolve_version_dir
 
     try:
@@ -270,12 +270,7 @@ def fine_tune_defaults(models_dir: Path, base: str, given: dict[str, Any]) -> di
         raise TrainCliError(
             f"--base {base}: a version outside {models_dir}; copy it into the model store first"
         )
-    out: dict[str, Any] = {"base": card.version}
-    if "image_size" not in given:
-        out["image_size"] = card.image_size
-    if "arch" not in given:
-        out["arch"] = card.arch
-    return out
+    return card.fine_tune_defaults(given)
 
 
 def _default_run_dir(s: Settings) -> Path:

@@ -17,7 +17,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -95,6 +95,15 @@ class ModelCard(BaseModel):
             mean=self.mean,
             std=self.std,
         )
+
+    def fine_tune_defaults(self, given: Collection[str]) -> dict[str, Any]:
+        """The training options a fine-tune from this version takes from it: its name as
+        `base`, and its image size and arch unless `given`."""
+        out: dict[str, Any] = {"base": self.version}
+        for name in ("image_size", "arch"):
+            if name not in given:
+                out[name] = getattr(self, name)
+        return out
 
     def summary(self) -> dict[str, Any]:
         """The short form listed by GET /v1/models and `alexnet models list`."""
@@ -427,6 +436,15 @@ def write_active(models_dir: Path, version: str) -> None:
     if not (models_dir / version / CARD_FILE).is_file():
         raise CheckpointError(f"no model version {version!r} in {models_dir}")
     atomic_write_bytes(models_dir / ACTIVE_FILE, (version + "\n").encode())
+
+
+def stored_version_dir(models_dir: Path, version: str) -> Path:
+    """A version stored under `models_dir`, by name only (never a path)."""
+    check_version_name(version)
+    path = models_dir / version
+    if not (path / CARD_FILE).is_file():
+        raise CheckpointError(f"no model version {version!r}")
+    return path
 
 
 def resolve_version_dir(models_dir: Path, ref: str) -> Path:

@@ -93,11 +93,7 @@ def with_base(state: AppState, req: JobRequest) -> JobRequest:
             f"base: no model version {req.base!r} to fine-tune from (GET /v1/models lists them)",
             details=[{"loc": ["body", "base"], "msg": str(exc)}],
         ) from exc
-    update: dict[str, Any] = {"base": card.version}
-    for field in ("image_size", "arch"):
-        if field not in req.model_fields_set:
-            update[field] = getattr(card, field)
-    return req.model_copy(update=update)
+    return req.model_copy(update=card.fine_tune_defaults(req.model_fields_set))
 
 
 @router.post(
