@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast lint fmt typecheck bench bench-train bench-serve bench-decode bench-overload clean
+.PHONY: serve test test-fast lint fmt typecheck bench bench-train bench-serve bench-decode bench-overload bench-attack-memory clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,7 +55,10 @@ bench-serve: $(VENV)/.installed-dev
 bench-overload: $(VENV)/.installed-dev   ## 2 minutes at twice the measured capacity
 	$(BIN)/python bench/overload.py
 
-bench: bench-decode bench-precision bench-train bench-serve bench-overload
+bench-attack-memory: $(VENV)/.installed-dev   ## RSS before, at peak and 60 s after a hostile run
+	$(BIN)/python bench/attack_memory.py
+
+bench: bench-decode bench-precision bench-train bench-serve bench-overload bench-attack-memory
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

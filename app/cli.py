@@ -143,9 +143,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.intake import body_limits
+    from app.memory import configure_allocator
     from app.protocol import with_header_timeout
 
     s = _settings()
+    if s.memory_trim_s > 0:  # 0 leaves the C allocator as it is
+        configure_allocator()
     uvicorn.run(
         "app.main:create_app",
         factory=True,

@@ -191,6 +191,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.tasks.append(asyncio.create_task(_heartbeat(state), name="heartbeat"))
         if settings.watch_active_s > 0:
             state.tasks.append(asyncio.create_task(_watch_active(state), name="watch-active"))
+        state.tasks.append(asyncio.create_task(state.trimmer.run(), name="memory-trim"))
         try:
             yield
         finally:

@@ -3,7 +3,7 @@ process, as in the tests)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -29,6 +29,10 @@ class Metrics:
                                    ["label"], registry=r)  # fmt: skip
         self.model_info = Gauge("alexnet_model_info", "The model being served (value 1)",
                                 ["version", "device", "precision", "compiled"], registry=r)  # fmt: skip
+        self.memory_returned = Counter("alexnet_memory_returned_bytes",
+                                       "Freed heap memory handed back to the OS (malloc_trim)",
+                                       registry=r)  # fmt: skip
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, open fds, CPU seconds
 
     def set_model(self, version: str, device: str, precision: str, compiled: bool) -> None:
         self.model_info.clear()

@@ -6,8 +6,6 @@ Requests keep the LoadedModel they were preprocessed for, so none mixes versions
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import threading
 import time
@@ -17,6 +15,7 @@ from typing import Any
 
 import torch
 
+from app.memory import trim
 from model.checkpoint import (
     CheckpointError,
     ModelCard,
@@ -124,8 +123,7 @@ def prepare(
 def release_freed_memory() -> None:
     """Loading holds the weights several times over (file bytes, fp32, bf16); hand the
     freed heap back to the OS so the resident size is the model's, not its loading's."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim()
 
 
 class Registry:

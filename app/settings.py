@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(64 * 1024, ge=4096, le=16 * 1024 * 1024)
     max_header_connections: int = Field(1024, ge=1, le=1_000_000)
     decode_threads: int = Field(0, ge=0)  # 0: one per CPU core
+    # Every this many seconds, hand the C allocator's free pages back to the OS
+    # (malloc_trim; app/memory.py). 0: leave the allocator as it is (no trim, and glibc's
+    # own number of arenas).
+    memory_trim_s: float = Field(5.0, ge=0, le=3600)
 
     # Upload limits.
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)  # per image file

@@ -19,6 +19,7 @@ from app.batching import BatchStats, MicroBatcher, Row
 from app.errors import ModelNotReady
 from app.intake import Decoder
 from app.jobs import Job, JobRunner, JobStore
+from app.memory import MemoryTrimmer
 from app.metrics import Metrics
 from app.registry import LoadedModel, Registry, prepare
 from app.settings import Settings
@@ -46,6 +47,7 @@ class AppState:
     bootstrap_job_id: str | None = None
     activation_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     presence: Path | None = None  # this server's record under $ALEXNET_HOME/servers/
+    trimmer: MemoryTrimmer = field(default_factory=lambda: MemoryTrimmer(0))
 
     @property
     def model(self) -> LoadedModel:
@@ -196,7 +198,8 @@ def build_state(settings: Settings) -> AppState:
         DecodeLimits(max_pixels=settings.max_image_pixels, max_side=settings.max_image_side),
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode"),
     )
-    state = AppState(settings, registry, metrics, placement, batcher, decoder)
+    state = AppState(settings, registry, metrics, placement, batcher, decoder,
+                     trimmer=MemoryTrimmer(settings.memory_trim_s, metrics.memory_returned.inc))  # fmt: skip
     state.jobs = JobStore(settings.db_path)
     state.runner = JobRunner(
         state.jobs, settings.jobs_dir, settings.home,
