@@ -10,7 +10,8 @@ import asyncio
 import logging
 from typing import Final
 
-from app.jobs import Job, JobRequest
+from app.jobs.store import Job
+from app.schemas import JobRequest
 from app.state import AppState
 from model.checkpoint import CheckpointError
 from model.pretrained import cached_weights_path, import_torchvision

@@ -17,9 +17,7 @@ from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: try again (resume) later
+from model.run import EXIT_ERROR, EXIT_USAGE
 
 log = logging.getLogger("alexnet")
 
@@ -35,35 +33,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
-    # Defaults are None so that only options given explicitly reach TrainConfig (whose
-    # defaults are the single source of truth, shared with the admin API).
-    p.add_argument("--dataset", help="cifar10 | synthetic[:N] | imagefolder:NAME")
-    p.add_argument("--arch", choices=["alexnet", "alexnet-paper"])
-    p.add_argument("--epochs", type=int, help="maximum epochs (default 50)")
-    p.add_argument("--batch-size", type=int, help="default 128")
-    p.add_argument("--lr", type=float, help="initial learning rate (default 0.01)")
-    p.add_argument("--momentum", type=float, help="default 0.9")
-    p.add_argument("--weight-decay", type=float, help="default 5e-4")
-    p.add_argument("--scheduler", choices=["plateau", "step", "cosine"], help="default plateau")
-    p.add_argument("--patience", type=int, help="early-stopping patience (default 7)")
-    p.add_argument("--min-delta", type=float, help="early-stopping delta (default 0)")
-    p.add_argument("--image-size", type=int, help="network input side (default 224)")
-    p.add_argument("--val-split", type=float, help="default 0.2")
-    p.add_argument("--seed", type=int, help="default 0")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--init", choices=["default", "paper"], help="weight initialisation")
-    p.add_argument("--dropout", type=float, help="dropout on fc6 and fc7 (default 0.5)")
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                   help="random crop + flip (default: on for cifar10 and imagefolder)")  # fmt: skip
-    p.add_argument("--workers", type=int, help="DataLoader worker processes")
+    from model.run import add_config_options
+
+    add_config_options(p)  # one per TrainConfig field, its bounds and defaults stated there
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) on this node")
-    p.add_argument(
-        "--base",
-        metavar="VERSION",
-        help="fine-tune from this version (or `active`): its weights, image size and "
-        "preprocessing unless given; the last layer is re-initialised when the classes differ",
-    )
     p.add_argument(
         "--resume",
         metavar="RUN_DIR|VERSION",
@@ -74,6 +47,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--events-file", type=Path, help="append progress events as JSON lines")
     # Admin jobs: the service decides about activation itself, after loading the version.
     p.add_argument("--keep-active", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--writer-tag", help=argparse.SUPPRESS)  # names its temp files
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,7 +196,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _delete_version(s: Any, args: argparse.Namespace) -> int:
-    from app.jobs import JobStore
+    from app.jobs.store import JobStore
     from app.presence import serving_versions
     from app.storage import InUse, delete_version
 
@@ -248,7 +222,7 @@ def _mb(n: int) -> str:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from app.jobs import JobStore
+    from app.jobs.store import JobStore
     from app.presence import serving_versions
     from app.storage import as_dicts, collect, free
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
 from app.errors import ErrorDetail
+from app.jobs.store import Activate
+from model.config import TrainConfig
+
+if TYPE_CHECKING:
+    from app.jobs.store import Job
 
 
 class Prediction(BaseModel):
@@ -99,6 +104,25 @@ def multipart_body(field: str, *, many: bool) -> dict[str, Any]:
         "type": "object", "required": [field], "properties": {field: schema}}}}}}  # fmt: skip
 
 
+class JobRequest(TrainConfig):
+    """POST /admin/jobs: the `alexnet train` options in snake_case, plus what to do with
+    the result."""
+
+    activate: Activate = Field(
+        "if_better",
+        description="if_better: activate when val top-1 beats the active version on the same "
+        "labels (or nothing is active); always; never",
+    )
+    nproc_per_node: int = Field(1, ge=1, le=64, description="processes (GPUs); torchrun if > 1")
+
+    model_config = {"json_schema_extra": {"examples": [{
+        "dataset": "synthetic", "image_size": 64, "batch_size": 32, "epochs": 10,
+        "dropout": 0.0, "activate": "if_better"}]}}  # fmt: skip
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.model_validate(self.model_dump(exclude={"activate", "nproc_per_node"}))
+
+
 class JobProgress(BaseModel):
     epoch: int = Field(description="the epoch running (or last finished), from 1")
     epochs: int
@@ -147,6 +171,15 @@ class JobOut(BaseModel):
                      "val_top5": 0.83, "lr": 0.01}],
         "result_version": None, "metrics": None, "activated": False, "activation": None,
         "error": None, "attempts": 1, "state_purged": False}]}}  # fmt: skip
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        """A job record as the API shows it (the pid and control flags stay inside)."""
+        fields = {k: getattr(job, k) for k in cls.model_fields if hasattr(job, k)}
+        progress = JobProgress(epoch=job.epoch, epochs=job.epochs or job.config.get("epochs", 0),
+                               step=job.step, steps=job.steps, images_per_s=job.images_per_s,
+                               eta_s=job.eta_s)  # fmt: skip
+        return cls(**fields, progress=progress, state_purged=job.purged_at is not None)
 
 
 class JobList(BaseModel):

@@ -18,7 +18,8 @@ from app import presence
 from app.batching import BatchStats, MicroBatcher, Row
 from app.errors import ModelNotReady
 from app.intake import Decoder
-from app.jobs import Job, JobRunner, JobStore
+from app.jobs.runner import JobRunner
+from app.jobs.store import Job, JobStore
 from app.memory import MemoryTrimmer
 from app.metrics import Metrics
 from app.registry import LoadedModel, Registry, prepare

@@ -10,7 +10,6 @@ base of a job that is queued, running or resumable, and the run state of resumab
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import secrets
@@ -21,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
-from app.jobs import RESUMABLE, Job, JobStore
+from app.jobs.store import RESUMABLE, Job, JobStore
 from model.checkpoint import (
     CheckpointError,
     fsync_dir,
@@ -30,7 +29,8 @@ from model.checkpoint import (
     run_in_use,
     stored_version_dir,
 )
-from model.trainer import BEST_FILE, STATE_FILE
+from model.run import BEST_FILE, STATE_FILE
+from model.run_state import RunState, RunStateError
 
 log = logging.getLogger(__name__)
 
@@ -177,14 +177,10 @@ def _expired_job_states(jobs: JobStore, jobs_dir: Path, keep_failed: int) -> lis
 
 
 def _finished_cli_run(run_dir: Path) -> bool:
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(run_dir / STATE_FILE), framework="pt") as f:
-            meta = json.loads(f.metadata()["state"])
-    except Exception:
+        return RunState.read(run_dir).finished
+    except RunStateError:
         return False  # unreadable: leave it to the user
-    return bool(meta.get("finished_version"))
 
 
 def collect(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -15,20 +14,24 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from app.jobs import set_parent_death_signal
+from app.jobs.child import set_parent_death_signal
 from app.settings import Settings
 from model.config import TrainConfig
-from model.trainer import (
+from model.distributed import DistContext
+from model.fine_tune import fine_tune_text
+from model.run import (
+    EXIT_INTERRUPTED,
     STATE_FILE,
-    DistContext,
+    EpochEnd,
     Event,
-    Trainer,
-    TrainingInterrupted,
-    fine_tune_text,
+    Start,
+    Step,
+    config_given,
+    event_line,
 )
+from model.run_state import RunState, RunStateError
+from model.trainer import Trainer, TrainingInterrupted
 
-EXIT_INTERRUPTED = 75
-_CONFIG_FIELDS = set(TrainConfig.model_fields)
 # Options that may change when a run is resumed; the rest would change its meaning.
 _RESUMABLE_OVERRIDES = {"epochs", "device", "precision", "workers", "patience"}
 
@@ -41,10 +44,6 @@ def new_run_id() -> str:
     return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{os.getpid()}"
 
 
-def _given(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k in _CONFIG_FIELDS and v is not None}
-
-
 class ProgressPrinter:
     """Renders trainer events: a progress bar on stderr (when a terminal, else nothing),
     one line per epoch on stdout."""
@@ -54,40 +53,39 @@ class ProgressPrinter:
         self.tty = err.isatty()
 
     def __call__(self, ev: Event) -> None:
-        kind = ev["type"]
-        if kind == "start":
-            d = ev["device"]
+        if isinstance(ev, Start):
+            d = ev.device
             self.out.write(
-                f"training {ev['config']['arch']} on {ev['config']['dataset']} "
-                f"({ev['split']['train']} train / {ev['split']['val']} val images, "
-                f"{len(ev['labels'])} classes) on {d['device']} {d['precision']}"
-                + (f", {ev['world']} processes" if ev["world"] > 1 else "")
+                f"training {ev.config['arch']} on {ev.config['dataset']} "
+                f"({ev.split['train']} train / {ev.split['val']} val images, "
+                f"{len(ev.labels)} classes) on {d['device']} {d['precision']}"
+                + (f", {ev.world} processes" if ev.world > 1 else "")
                 + "\n"
             )
-            if ev.get("base"):
-                self.out.write(fine_tune_text(ev["base"], len(ev["labels"])) + "\n")
-            for s in ev["skipped"]:
+            if ev.base:
+                self.out.write(fine_tune_text(ev.base, len(ev.labels)) + "\n")
+            for s in ev.skipped:
                 self.err.write(f"warning: skipped unreadable image {s}\n")
-        elif kind == "step" and self.tty:
+        elif isinstance(ev, Step) and self.tty:
             width = 30
-            done = int(width * ev["step"] / ev["steps"])
-            eta = time.strftime("%H:%M:%S", time.gmtime(ev["eta_s"]))
+            done = int(width * ev.step / ev.steps)
+            eta = time.strftime("%H:%M:%S", time.gmtime(ev.eta_s))
             self.err.write(
-                f"\repoch {ev['epoch']}/{ev['epochs']} [{'#' * done}{'.' * (width - done)}] "
-                f"{ev['step']}/{ev['steps']} loss {ev['loss']:.4f} "
-                f"{ev['images_per_s']:.0f} img/s eta {eta} "
+                f"\repoch {ev.epoch}/{ev.epochs} [{'#' * done}{'.' * (width - done)}] "
+                f"{ev.step}/{ev.steps} loss {ev.loss:.4f} "
+                f"{ev.images_per_s:.0f} img/s eta {eta} "
             )
             self.err.flush()
-        elif kind == "epoch_end":
+        elif isinstance(ev, EpochEnd):
             if self.tty:
                 self.err.write("\r\033[K")
             self.out.write(
-                f"epoch {ev['epoch']:>3}/{ev['epochs']}  train_loss {ev['train_loss']:.4f}  "
-                f"val_loss {ev['val_loss']:.4f}  val_top1 {ev['val_top1']:.2%}  "
-                f"val_top5 {ev['val_top5']:.2%}  lr {ev['lr']:.2g}  "
-                f"{ev['images_per_s']:.0f} img/s" + ("  *" if ev["improved"] else "") + "\n"
+                f"epoch {ev.epoch:>3}/{ev.epochs}  train_loss {ev.train_loss:.4f}  "
+                f"val_loss {ev.val_loss:.4f}  val_top1 {ev.val_top1:.2%}  "
+                f"val_top5 {ev.val_top5:.2%}  lr {ev.lr:.2g}  "
+                f"{ev.images_per_s:.0f} img/s" + ("  *" if ev.improved else "") + "\n"
             )
-            if ev["early_stop"]:
+            if ev.early_stop:
                 self.out.write("early stopping: validation loss stopped improving\n")
         self.out.flush()
 
@@ -100,7 +98,7 @@ class EventsFile:
         self.f = path.open("a", buffering=1)
 
     def __call__(self, ev: Event) -> None:
-        self.f.write(json.dumps(ev) + "\n")
+        self.f.write(event_line(ev))
         self.f.flush()
 
 
@@ -137,14 +135,10 @@ def launch_torchrun(argv: Sequence[str], nproc: int, run_dir: Path) -> int:
 
 
 def _interrupted_state(run_dir: Path) -> bool:
-    path = run_dir / STATE_FILE
-    if not path.is_file():
+    try:
+        return not RunState.read(run_dir).finished
+    except RunStateError:
         return False
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["state"])
-    return meta.get("finished_version") is None
 
 
 def _dist_context() -> DistContext | None:
@@ -163,10 +157,18 @@ def _dist_context() -> DistContext | None:
 
 
 def run_train(args: argparse.Namespace, argv: Sequence[str], s: Settings) -> int:
-    from model.checkpoint import CheckpointError, read_active, resolve_version_dir, write_active
+    from model.checkpoint import (
+        CheckpointError,
+        read_active,
+        resolve_version_dir,
+        set_writer_tag,
+        write_active,
+    )
 
     set_parent_death_signal()  # a job's child must not outlive the service
-    given = _given(args)
+    if args.writer_tag:
+        set_writer_tag(args.writer_tag)
+    given = config_given(args)
     resume_run: Path | None = None
     if args.resume:
         candidate = Path(args.resume)

@@ -345,12 +345,20 @@ def list_cards(models_dir: Path) -> list[ModelCard]:
     return cards
 
 
-def _tmp_name(name: str) -> str:
-    """A hidden temp name that says who writes it: `ALEXNET_WRITER_TAG` (a training job's
-    id, set by the job runner) or the process id, so a cleanup can pick a dead writer's
+_writer_tag = ""
+
+
+def set_writer_tag(tag: str) -> None:
+    """Name this process's temp files after `tag` (an admin job's, given to its child as
+    `--writer-tag`) instead of its pid, so the job runner can remove a dead child's
     leftovers without touching a live writer's save in progress."""
-    tag = re.sub(r"[^A-Za-z0-9_-]", "", os.environ.get("ALEXNET_WRITER_TAG", ""))
-    return f"{_TMP_PREFIX}{name}.{tag or f'p{os.getpid()}'}.{secrets.token_hex(4)}"
+    global _writer_tag
+    _writer_tag = re.sub(r"[^A-Za-z0-9_-]", "", tag)
+
+
+def _tmp_name(name: str) -> str:
+    """A hidden temp name that says who writes it: the writer tag or the process id."""
+    return f"{_TMP_PREFIX}{name}.{_writer_tag or f'p{os.getpid()}'}.{secrets.token_hex(4)}"
 
 
 def remove_partial_saves(folder: Path, *, writer: str | None = None,

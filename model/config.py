@@ -32,12 +32,14 @@ class TrainConfig(BaseModel):
         "(a folder-per-class tree under the data dir; a name, not a path)",
         examples=["synthetic", "cifar10", "imagefolder:flowers"],
     )
-    arch: Literal["alexnet", "alexnet-paper"] = "alexnet"
-    epochs: int = Field(50, ge=1, le=10_000)
-    batch_size: int = Field(128, ge=1, le=8192)
-    lr: float = Field(0.01, gt=0, le=10)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0, le=1)
+    arch: Literal["alexnet", "alexnet-paper"] = Field(
+        "alexnet", description="alexnet (torchvision's layout) or alexnet-paper (the 2012 one)"
+    )
+    epochs: int = Field(50, ge=1, le=10_000, description="maximum epochs")
+    batch_size: int = Field(128, ge=1, le=8192, description="images per step (per process)")
+    lr: float = Field(0.01, gt=0, le=10, description="initial learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, le=1, description="L2 weight decay")
     scheduler: Literal["plateau", "step", "cosine"] = Field(
         "plateau",
         description="plateau (the article's), step (the paper's /10 on a stall) or cosine "
@@ -45,12 +47,19 @@ class TrainConfig(BaseModel):
     )
     patience: int = Field(7, ge=1, le=1000, description="early-stopping patience, in epochs")
     min_delta: float = Field(0.0, ge=0, description="smallest val-loss drop that counts")
-    image_size: int = Field(224, ge=63, le=512)
-    val_split: float = Field(0.2, gt=0, lt=1)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    init: Literal["default", "paper"] = "default"
+    image_size: int = Field(224, ge=63, le=512, description="network input side, in pixels")
+    val_split: float = Field(0.2, gt=0, lt=1, description="fraction held out for validation")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seeds the split, weights and order")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="auto: CUDA, then Apple MPS, then the CPU"
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 where the device runs it fast, else fp32"
+    )
+    init: Literal["default", "paper"] = Field(
+        "default",
+        description="weight initialisation: Kaiming convolutions (default) or the paper's N(0, 0.01) with biases of 1",
+    )
     dropout: float = Field(
         0.5, ge=0, lt=1, description="dropout on fc6/fc7 (the paper's 0.5); lower learns faster"
     )

@@ -16,14 +16,15 @@ from app.errors import (
     ValidationFailed,
     responses,
 )
-from app.jobs import LOG_FILE, PLOT_FILE, RESUMABLE, Job, JobRequest
+from app.jobs.store import RESUMABLE, Job
 from app.middleware import check_admin_token
 from app.presence import serving_versions
-from app.schemas import ActivateResponse, DeletedVersion, JobList, JobOut
+from app.schemas import ActivateResponse, DeletedVersion, JobList, JobOut, JobRequest
 from app.state import AppState, StateDep
 from app.storage import InUse, delete_version, purge_job
 from model.checkpoint import CheckpointError, read_card
 from model.data import DatasetError, resolve_dataset_dir, scan_imagefolder
+from model.run import LOG_FILE, PLOT_FILE
 
 bearer = HTTPBearer(
     auto_error=False,
@@ -56,10 +57,6 @@ def _job_or_404(state: AppState, job_id: str) -> Job:
     if job is None:
         raise NotFound(f"no job {job_id!r}")
     return job
-
-
-def _out(job: Job) -> JobOut:
-    return JobOut.model_validate(job.public())
 
 
 def check_dataset(state: AppState, dataset: str) -> None:
@@ -114,19 +111,19 @@ async def create_job(req: JobRequest, state: StateDep) -> JobOut:
                          retry_after_s=60)  # fmt: skip
     job = state.jobs.create(req)
     state.runner.wake()
-    return _out(job)
+    return JobOut.of(job)
 
 
 @router.get("/jobs", response_model=JobList, summary="Jobs, newest first")
 async def list_jobs(state: StateDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JobList:
     assert state.jobs is not None
-    return JobList(jobs=[_out(j) for j in state.jobs.list(limit=limit)])
+    return JobList(jobs=[JobOut.of(j) for j in state.jobs.list(limit=limit)])
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="One job: status, progress, "
             "per-epoch history, result", responses=responses(404))  # fmt: skip
 async def get_job(job_id: JobId, state: StateDep) -> JobOut:
-    return _out(_job_or_404(state, job_id))
+    return JobOut.of(_job_or_404(state, job_id))
 
 
 @router.get(
@@ -185,7 +182,7 @@ async def cancel_job(
                                     jobs_dir=state.settings.jobs_dir)  # fmt: skip
         except InUse as exc:
             raise Conflict(str(exc)) from exc
-        return _out(_job_or_404(state, job_id))
+        return JobOut.of(_job_or_404(state, job_id))
     if job.status in ("succeeded", "failed"):
         raise Conflict(f"job {job_id} is {job.status}; only queued or running jobs cancel")
     if job.status == "interrupted":
@@ -193,7 +190,7 @@ async def cancel_job(
         state.jobs.update(job_id, expect=("interrupted",), status="cancelled")
     else:
         state.runner.cancel(job_id)
-    return _out(_job_or_404(state, job_id))
+    return JobOut.of(_job_or_404(state, job_id))
 
 
 @router.post("/jobs/{job_id}/resume", status_code=202, response_model=JobOut,
@@ -210,7 +207,7 @@ async def resume_job(job_id: JobId, state: StateDep) -> JobOut:
         raise Overloaded("the job queue is full; retry when one has started", retry_after_s=60)
     if not state.runner.requeue(job_id):
         raise Conflict(f"job {job_id} changed state; fetch it and retry")
-    return _out(_job_or_404(state, job_id))
+    return JobOut.of(_job_or_404(state, job_id))
 
 
 @router.post(

@@ -8,15 +8,17 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from app.jobs import JobRequest, JobStore, apply_event, train_argv
+from app.jobs.runner import apply_event, train_argv
+from app.jobs.store import JobStore
+from app.schemas import JobOut, JobRequest
 from app.settings import Settings
 from app.state import AppState, should_activate
 from model.checkpoint import read_active, read_card, write_active
+from model.run import EpochEnd, Event, Finished, Start, Step, parse_event
 from tests.api.conftest import make_client, wait_ready
 from tests.api.test_classify import assert_error
 from tests.conftest import REPO, make_version
@@ -193,16 +195,20 @@ def test_activation_policy(tmp_path: Path) -> None:
 def test_store_survives_reopen_and_replays_events(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "alexnet.db")
     job = store.create(JobRequest.model_validate({**TINY, "epochs": 3}))
-    events: list[dict[str, Any]] = [
-        {"type": "start", "epochs": 3, "steps_per_epoch": 4},
-        {"type": "step", "epoch": 1, "epochs": 3, "step": 2, "steps": 4, "loss": 2.0,
-         "images_per_s": 50.0, "eta_s": 9.0},
-        {"type": "epoch_end", "epoch": 1, "train_loss": 2.0, "val_loss": 1.9, "val_top1": 0.2,
-         "val_top5": 0.6, "lr": 0.01, "improved": True},
-        {"type": "epoch_end", "epoch": 1, "train_loss": 2.0, "val_loss": 1.8, "val_top1": 0.3,
-         "val_top5": 0.6, "lr": 0.01, "improved": True},  # a resumed run repeats an epoch
-        {"type": "finished", "version": "v1", "metrics": {"val_top1": 0.3}},
+    end = {"epoch": 1, "train_loss": 2.0, "val_top1": 0.2, "val_top5": 0.6, "lr": 0.01,
+           "grad_norm": 1.0, "images_per_s": 50.0, "epoch_time_s": 1.0, "epochs": 3,
+           "improved": True, "early_stop": False, "next_lr": 0.01}  # fmt: skip
+    events: list[Event] = [
+        Start(config=job.config, labels=["a", "b"], split={"train": 16, "val": 4},
+              device={"device": "cpu", "precision": "fp32"}, epochs=3, steps_per_epoch=4),
+        Step(epoch=1, epochs=3, step=2, steps=4, loss=2.0, images_per_s=50.0, eta_s=9.0),
+        EpochEnd(**end, val_loss=1.9),
+        EpochEnd(**end, val_loss=1.8),  # a resumed run repeats an epoch
+        Finished(version="v1", metrics={"val_top1": 0.3}, stopped_early=False),
     ]  # fmt: skip
+    # As they travel: one JSON line each in events.jsonl
+    events = [e for e in (parse_event(ev.model_dump_json()) for ev in events) if e is not None]
+    assert len(events) == 5
     for ev in events:
         store.update(job.id, **apply_event(job, ev))
     store.close()
@@ -211,8 +217,8 @@ def test_store_survives_reopen_and_replays_events(tmp_path: Path) -> None:
     assert (again.epochs, again.steps, again.images_per_s) == (3, 4, 50.0)
     assert [h["val_loss"] for h in again.history] == [1.8]
     assert again.result_version == "v1" and again.metrics == {"val_top1": 0.3}
-    pub = again.public()
-    assert pub["progress"]["eta_s"] == 0.0 and pub["status"] == "queued"
+    pub = JobOut.of(again)
+    assert pub.progress.eta_s == 0.0 and pub.status == "queued"
 
 
 def test_train_argv_is_the_cli(tmp_path: Path) -> None:
@@ -224,6 +230,7 @@ def test_train_argv_is_the_cli(tmp_path: Path) -> None:
     for part in ("--dataset synthetic:100", "--image-size 64", "--no-augment",
                  "--nproc-per-node 2", "--keep-active", f"--run-dir {tmp_path / 'run'}"):  # fmt: skip
         assert part in joined
+    assert "--writer-tag" in argv  # names its temp files after the job (app/jobs/child.py)
     job.resume = True
     assert "--resume" in train_argv(job, tmp_path / "run")
     assert "--dataset" not in train_argv(job, tmp_path / "run")

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.jobs import Job, JobRequest, JobStore
+from app.jobs.store import Job, JobStore
+from app.schemas import JobRequest
 from app.state import AppState
 from app.storage import retain_job_state, tree_bytes
 from model.checkpoint import write_active
@@ -136,7 +137,7 @@ def test_retention_keeps_what_can_resume(tmp_path: Path) -> None:
 def test_a_database_from_before_purging_gets_the_column(tmp_path: Path) -> None:
     import sqlite3
 
-    from app.jobs import _SCHEMA
+    from app.jobs.store import _SCHEMA
 
     old_schema = _SCHEMA.replace("resume INTEGER NOT NULL DEFAULT 0,\n    purged_at REAL",
                                  "resume INTEGER NOT NULL DEFAULT 0")  # fmt: skip

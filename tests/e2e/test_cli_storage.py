@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from app.jobs import JobRequest, JobStore
+from app.jobs.store import JobStore
 from app.presence import announce, update, withdraw
+from app.schemas import JobRequest
 from tests.conftest import make_version, run_cli
 
 pytestmark = pytest.mark.e2e

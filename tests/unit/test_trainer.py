@@ -13,10 +13,17 @@ from safetensors import safe_open
 from model import trainer as T
 from model.config import TrainConfig
 from model.data import TrainAugment, load_dataset
-from model.trainer import EarlyStopping, LRPolicy, Trainer, TrainingError, TrainingInterrupted
+from model.run import PLOT_FILE, Event
+from model.schedules import MIN_LR, EarlyStopping, LRPolicy
+from model.trainer import Trainer, TrainingError, TrainingInterrupted
 
 TINY = {"dataset": "synthetic:120", "image_size": 64, "batch_size": 16, "epochs": 2,
         "precision": "fp32", "device": "cpu", "workers": 0}  # fmt: skip
+
+
+def _as_dicts(events: list[dict[str, Any]]) -> Any:
+    """A trainer callback that keeps each event as the JSON object it travels as."""
+    return lambda ev: events.append(ev.model_dump())
 
 
 def _trainer(tmp_path: Path, callback: Any = None, **kw: Any) -> Trainer:
@@ -91,7 +98,7 @@ def test_cosine_decays_per_step_to_zero_ignores_validation_and_resumes_exactly()
 
 
 def test_learning_rate_never_goes_below_min_lr() -> None:
-    assert _lrs("step", [1.0] * 40, [0.5] * 40)[-1] == T.MIN_LR
+    assert _lrs("step", [1.0] * 40, [0.5] * 40)[-1] == MIN_LR
 
 
 def test_early_stopping_must_be_more_patient_than_the_scheduler() -> None:
@@ -127,7 +134,7 @@ def test_validation_never_sees_augmentation(
 
     monkeypatch.setattr(TrainAugment, "__call__", spy)
     events: list[dict[str, Any]] = []
-    result = _trainer(tmp_path, events.append, augment=True).fit()
+    result = _trainer(tmp_path, _as_dicts(events), augment=True).fit()
     assert sum(augmented) == 96 * 2  # the 96 training images, twice; never the 24 val ones
     assert [e["type"] for e in events].count("epoch_end") == 2
     assert result.history[0]["val_loss"] > 0
@@ -135,11 +142,11 @@ def test_validation_never_sees_augmentation(
 
 def test_history_plot_version_and_events(tmp_path: Path) -> None:
     events: list[dict[str, Any]] = []
-    result = _trainer(tmp_path, events.append).fit()
+    result = _trainer(tmp_path, _as_dicts(events)).fit()
     keys = {"epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "grad_norm",
             "images_per_s", "epoch_time_s"}  # fmt: skip
     assert all(keys <= set(h) for h in result.history)
-    assert (tmp_path / "run" / T.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "run" / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "models" / result.card.version / "weights.safetensors").is_file()
     best = min(result.history, key=lambda h: h["val_loss"])
     assert result.card.metrics["val_loss"] == best["val_loss"]
@@ -161,7 +168,7 @@ def test_non_finite_loss_stops_the_run_with_a_clear_error(
     monkeypatch.setattr(T.F, "cross_entropy", nan_loss)
     events: list[dict[str, Any]] = []
     with pytest.raises(TrainingError, match="loss became nan at epoch 1, step 1"):
-        _trainer(tmp_path, events.append).fit()
+        _trainer(tmp_path, _as_dicts(events)).fit()
     assert events[-1]["type"] == "failed"
 
 
@@ -178,8 +185,8 @@ def test_resume_after_an_interrupted_epoch_ends_where_an_uninterrupted_run_ends(
 
     holder: dict[str, Trainer] = {}
 
-    def stop_mid_epoch(ev: dict[str, Any]) -> None:
-        if ev["type"] == "step" and ev["epoch"] == 1 and ev["step"] >= 3:
+    def stop_mid_epoch(ev: Event) -> None:
+        if ev.type == "step" and ev.epoch == 1 and ev.step >= 3:
             holder["t"].request_stop()
 
     t = _trainer(tmp_path / "b", stop_mid_epoch, augment=augment)
