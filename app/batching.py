@@ -5,7 +5,9 @@
 - `max_batch_wait_ms` only bounds how long a started batch waits for requests that are
   already being decoded (announced with `incoming()`): an upper bound, not a sleep.
 - Expired requests are dropped before compute (504); cancelled ones (client gone) skipped.
-- An exception fails every future of that batch only; the worker lives on.
+- An exception fails every future of that batch only; the worker lives on (a batch that
+  returns the wrong number of rows too).
+- It raises its own exceptions (`BatcherError` and below); app/errors.py maps them to HTTP.
 - Items carry the model they were preprocessed for, so a hot swap never mixes versions.
 """
 
@@ -23,9 +25,32 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from app.errors import InternalError, ModelNotReady, Overloaded, RequestTimeout
-
 log = logging.getLogger(__name__)
+
+
+class BatcherError(Exception):
+    """Why the batcher did not answer; `retry_after_s` when trying again later may work."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class QueueFull(BatcherError):
+    """Refused before any work was spent on it: the queue is full, or would take too long."""
+
+
+class Closed(BatcherError):
+    """The batcher is shutting down."""
+
+
+class Expired(BatcherError):
+    """The request's deadline passed while it waited for the model."""
+
+
+class BatchFailed(BatcherError):
+    """The model call failed on the batch this request was in."""
+
 
 M = TypeVar("M")  # the model handle items are prepared for
 Row = list[tuple[int, float]]  # (class index, probability), best first
@@ -99,7 +124,7 @@ class MicroBatcher(Generic[M]):
         while self._queue:
             item = self._queue.popleft()
             if not item.future.done():
-                item.future.set_exception(ModelNotReady("the server is shutting down"))
+                item.future.set_exception(Closed("the server is shutting down"))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ submitting
@@ -132,10 +157,10 @@ class MicroBatcher(Generic[M]):
         than `max_queue_wait_s` at the measured rate (so the wait of accepted requests
         is bounded in time on any device, not only in count)."""
         if self._closed:
-            raise ModelNotReady("the server is shutting down", retry_after_s=5)
+            raise Closed("the server is shutting down", retry_after_s=5)
         ahead = len(self._queue) + self._incoming
         if ahead + n > self.max_queue:
-            raise Overloaded(
+            raise QueueFull(
                 f"the queue is full ({len(self._queue)} waiting, {self._incoming} being "
                 "decoded); retry later",
                 retry_after_s=self.retry_after_s(),
@@ -145,7 +170,7 @@ class MicroBatcher(Generic[M]):
             and self._rate
             and (ahead + n) / self._rate > self.max_queue_wait_s
         ):
-            raise Overloaded(
+            raise QueueFull(
                 f"the queue would take {(ahead + n) / self._rate:.1f} s at the measured "
                 f"{self._rate:.0f} images/s (limit {self.max_queue_wait_s:g} s); retry later",
                 retry_after_s=self.retry_after_s(),
@@ -156,9 +181,9 @@ class MicroBatcher(Generic[M]):
     ) -> asyncio.Future[Row]:
         """Queue one preprocessed image; the future resolves to its top-k row."""
         if self._closed:
-            raise ModelNotReady("the server is shutting down", retry_after_s=5)
+            raise Closed("the server is shutting down", retry_after_s=5)
         if len(self._queue) >= self.max_queue:
-            raise Overloaded(
+            raise QueueFull(
                 f"the queue is full ({len(self._queue)} waiting); retry later",
                 retry_after_s=self.retry_after_s(),
             )
@@ -179,7 +204,7 @@ class MicroBatcher(Generic[M]):
                 continue
             if item.deadline <= now:
                 item.future.set_exception(
-                    RequestTimeout("the request waited too long in the queue before compute")
+                    Expired("the request waited too long in the queue before compute")
                 )
                 continue
             if batch and item.model is not batch[0].model:
@@ -227,9 +252,10 @@ class MicroBatcher(Generic[M]):
             rows = await loop.run_in_executor(
                 self._executor, self._run_batch, batch[0].model, stacked, k
             )
+            answers = list(zip(batch, rows, strict=True))  # one row per item, or it failed
         except Exception as exc:
             log.exception("model failed on a batch of %d", len(batch))
-            err = InternalError(f"the model failed on this batch: {type(exc).__name__}")
+            err = BatchFailed(f"the model failed on this batch: {type(exc).__name__}")
             for it in batch:
                 if not it.future.done():
                     it.future.set_exception(err)
@@ -237,7 +263,7 @@ class MicroBatcher(Generic[M]):
         compute_s = time.perf_counter() - started
         inst = len(batch) / max(compute_s, 1e-6)
         self._rate = inst if self._rate == 0 else 0.8 * self._rate + 0.2 * inst
-        for it, row in zip(batch, rows, strict=True):
+        for it, row in answers:
             if not it.future.done():
                 it.future.set_result(row[: it.top_k])
         if self._on_batch is not None:

@@ -52,14 +52,12 @@ async def import_imagenet(state: AppState, *, allow_download: bool) -> bool:
         log.warning("bootstrap: ImageNet weights unavailable: %s", exc)
         return False
     log.info("bootstrap: imported torchvision's ImageNet AlexNet as version %s", card.version)
-    loaded = await asyncio.to_thread(state.load, card.version)
-    state.serve(loaded)
+    await state.activate(card.version)  # (under the model lock, like every change of model)
     return True
 
 
 def start_synthetic_job(state: AppState) -> Job:
     """Queue the bootstrap training job, or pick up one a previous start left unfinished."""
-    assert state.jobs is not None and state.runner is not None
     for job in state.jobs.list(limit=1000):
         if job.source != "bootstrap" or job.status not in ("queued", "running", "interrupted"):
             continue

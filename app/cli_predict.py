@@ -9,11 +9,9 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from model.data import IMAGE_SUFFIXES
-
-BATCH: Final = 32
 
 
 class PredictError(Exception):
@@ -72,17 +70,15 @@ def run_predict(args: argparse.Namespace, settings: Any) -> int:
 
     from model.checkpoint import load_version, resolve_version_dir
     from model.device import resolve
-    from model.engine import for_inference, predict
-    from model.images import DecodeLimits, ImageError, decode_image, to_tensor
-    from model.transforms import EvalTransform
+    from model.images import DecodeLimits, ImageError
+    from model.predictor import Predictor
 
     if args.top_k is not None and args.top_k < 1:
         raise PredictError(f"--top-k must be at least 1, got {args.top_k}")
     net, card = load_version(resolve_version_dir(settings.models_dir, args.model))
     top_k = top_k_for(args.top_k, card.num_classes)
-    model = for_inference(net, card.preprocessing, resolve(settings.device, settings.precision),
+    predictor = Predictor(net, card, resolve(settings.device, settings.precision),
                           channels_last=settings.channels_last)  # fmt: skip
-    tf = EvalTransform(card.preprocessing)
     limits = DecodeLimits(max_pixels=settings.max_image_pixels, max_side=settings.max_image_side)
     results: list[dict[str, Any]] = []
     inputs: list[tuple[int, torch.Tensor]] = []
@@ -95,17 +91,12 @@ def run_predict(args: argparse.Namespace, settings: Any) -> int:
                 data = image.path.read_bytes()
             except OSError as exc:  # the reason only: the path is reported beside it
                 raise _Unreadable("unreadable_file", f"cannot read: {exc.strerror or exc}") from exc
-            img = decode_image(data, limits=limits, min_side=card.preprocessing.min_side)
-            inputs.append((len(results) - 1, tf(to_tensor(img))))
+            inputs.append((len(results) - 1, predictor.decode(data, limits)))
         except (_Unreadable, ImageError) as exc:
             results[-1]["error"] = {"code": exc.code, "message": str(exc)}
-    for start in range(0, len(inputs), BATCH):
-        chunk = inputs[start : start + BATCH]
-        top = predict(model, torch.stack([t for _, t in chunk]), top_k)
-        for (i, _), row in zip(chunk, top.rows(), strict=True):
-            results[i]["predictions"] = [
-                {"label": card.labels[idx], "index": idx, "probability": p} for idx, p in row
-            ]
+    rows = predictor.classify([t for _, t in inputs], top_k)
+    for (i, _), predictions in zip(inputs, rows, strict=True):
+        results[i]["predictions"] = predictions
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import compile_path
 
+from app.batching import BatcherError, Closed, Expired, QueueFull
 from model.images import ImageError, ImageTooLarge, UnsupportedImageFormat
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,18 @@ class ClientClosedRequest(AppError):
     status, code = 499, "client_closed_request"
 
 
+def from_batcher_error(exc: BatcherError) -> AppError:
+    """Translate the micro-batcher's refusals and failures at the HTTP boundary."""
+    kind: type[AppError] = InternalError
+    if isinstance(exc, QueueFull):
+        kind = Overloaded
+    elif isinstance(exc, Closed):
+        kind = ModelNotReady
+    elif isinstance(exc, Expired):
+        kind = RequestTimeout
+    return kind(str(exc), retry_after_s=exc.retry_after_s)
+
+
 def from_image_error(exc: ImageError) -> AppError:
     """Translate the model core's decode errors at the HTTP boundary."""
     if isinstance(exc, UnsupportedImageFormat):
@@ -234,6 +247,10 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(_: Request, exc: AppError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(BatcherError)
+    async def _batcher_error(_: Request, exc: BatcherError) -> JSONResponse:
+        return error_response(from_batcher_error(exc))
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(_: Request, exc: ClientDisconnect) -> JSONResponse:

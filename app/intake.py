@@ -1,12 +1,12 @@
-"""Upload intake: the streaming body limit, multipart parsing with bounds, and decoding in a
-thread pool. Filenames are only ever echoed back, never used as paths."""
+"""Upload intake: each route's body limit, multipart parsing with bounds, and decoding in
+a thread pool (the middleware that enforces the limits is in app/middleware.py). Filenames are only ever echoed back, never used as paths."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 import torch
 from python_multipart.multipart import parse_options_header
@@ -14,27 +14,18 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
+from app import paths
 from app.errors import (
-    AppError,
     BadRequest,
-    Overloaded,
     PayloadTooLarge,
-    RequestBodyTimeout,
     TooManyFiles,
     UnsupportedMediaType,
 )
-from model.images import DecodeLimits, decode_image, to_tensor
-from model.transforms import EvalTransform
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+from model.images import DecodeLimits
+from model.predictor import Predictor
 
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers on top of the files
 JSON_BODY_LIMIT = 1024 * 1024  # admin request bodies
-UPLOAD_PATHS: Final = frozenset({"/v1/classify", "/v1/classify/batch"})
 
 
 def body_limits(max_upload_bytes: int, max_files: int) -> Callable[[str], int]:
@@ -44,113 +35,13 @@ def body_limits(max_upload_bytes: int, max_files: int) -> Callable[[str], int]:
     batch = max_upload_bytes * max_files + MULTIPART_OVERHEAD
 
     def limit_for(path: str) -> int:
-        if path == "/v1/classify":
+        if path == paths.CLASSIFY:
             return single
-        if path == "/v1/classify/batch":
+        if path == paths.CLASSIFY_BATCH:
             return batch
         return JSON_BODY_LIMIT
 
     return limit_for
-
-
-class BodyLimitMiddleware:
-    """Refuse a request body over its route's limit while it is being read: at once when
-    Content-Length says so, else as soon as the streamed bytes pass the limit (413
-    payload_too_large), before the body is spooled anywhere. The whole body must arrive
-    within `body_timeout_s` of its first read (408), and a response sent before the body
-    was read to its end closes the connection.
-
-    Upload bytes in flight (received by requests not finished yet, in memory or spooled to
-    disk) have a budget across all connections, `max_in_flight_bytes`: past it a new upload
-    is refused with 429 and Retry-After before any of its body is read."""
-
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int],
-                 body_timeout_s: float = 60.0, max_in_flight_bytes: int = 0,
-                 upload_paths: frozenset[str] = UPLOAD_PATHS) -> None:  # fmt: skip
-        self.app, self.limit_for, self.body_timeout_s = app, limit_for, body_timeout_s
-        self.max_in_flight_bytes, self.upload_paths = max_in_flight_bytes, upload_paths
-        self.in_flight_bytes = 0
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.limit_for(scope["path"])
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        if declared is not None:
-            try:
-                too_big = int(declared) > limit
-            except ValueError:
-                too_big = False  # h11/httptools reject malformed lengths themselves
-            if too_big:
-                await send_error(send, PayloadTooLarge(
-                    f"request body is {int(declared)} bytes; the limit here is {limit}"))  # fmt: skip
-                return
-        upload = scope["path"] in self.upload_paths
-        if upload and self.max_in_flight_bytes and self.in_flight_bytes >= self.max_in_flight_bytes:
-            await send_error(send, Overloaded(
-                f"{self.in_flight_bytes} bytes of uploads are being received; retry shortly",
-                retry_after_s=1))  # fmt: skip
-            return
-        received = 0
-        body_done = False
-        deadline: float | None = None  # the whole body within body_timeout_s
-
-        async def limited_receive() -> Message:
-            nonlocal received, body_done, deadline
-            if body_done:  # later receives wait for a disconnect: no deadline
-                return await receive()
-            loop = asyncio.get_running_loop()
-            if deadline is None:
-                deadline = loop.time() + self.body_timeout_s
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
-            except TimeoutError:
-                raise RequestBodyTimeout(
-                    f"the request body did not arrive within {self.body_timeout_s:g} s"
-                ) from None
-            if message["type"] == "http.request":
-                n = len(message.get("body", b""))
-                received += n
-                if upload:
-                    self.in_flight_bytes += n
-                if received > limit:
-                    raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-                body_done = not message.get("more_body", False)
-            return message
-
-        # A response that goes out before the body was read to its end (413, 408, 401, a
-        # malformed multipart) closes the connection: the unread rest is not worth
-        # draining, and a client streaming a never-ending body cannot keep the connection.
-        has_body = declared not in (None, b"0") or b"transfer-encoding" in headers
-
-        async def closing_send(message: Message) -> None:
-            if message["type"] == "http.response.start" and has_body and not body_done:
-                headers = list(message.get("headers", []))
-                if not any(k.lower() == b"connection" for k, _ in headers):  # (a 408 has one)
-                    headers.append((b"connection", b"close"))
-                message = {**message, "headers": headers}
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, closing_send)
-        finally:
-            if upload:
-                self.in_flight_bytes -= received
-
-
-async def send_error(send: Send, err: AppError) -> None:
-    """`err` in the error envelope from a raw ASGI middleware (below the app's handlers),
-    closing the connection: the request's body is left unread."""
-    import json
-
-    body = json.dumps(err.body()).encode()
-    extra = [(k.lower().encode(), v.encode()) for k, v in (err.headers() or {}).items()]
-    await send({"type": "http.response.start", "status": err.status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"), *extra]})  # fmt: skip
-    await send({"type": "http.response.body", "body": body})
 
 
 class _BoundedFilesParser(MultiPartParser):
@@ -237,10 +128,6 @@ class Decoder:
     limits: DecodeLimits
     executor: Any  # concurrent.futures.Executor
 
-    def _decode(self, data: bytes, transform: EvalTransform) -> torch.Tensor:
-        img = decode_image(data, limits=self.limits, min_side=transform.pre.min_side)
-        return transform(to_tensor(img))
-
-    async def __call__(self, data: bytes, transform: EvalTransform) -> torch.Tensor:
+    async def __call__(self, data: bytes, predictor: Predictor) -> torch.Tensor:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._decode, data, transform)
+        return await loop.run_in_executor(self.executor, predictor.decode, data, self.limits)

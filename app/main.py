@@ -5,35 +5,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import warnings
-from collections import Counter
 from collections.abc import AsyncIterator
 from importlib import resources
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.dependencies.models import Dependant
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
-from fastapi.routing import APIRoute
 from PIL import Image
 
 from app.bootstrap import bootstrap
+from app.deps import reject_unknown_query
 from app.docs import install_docs
-from app.errors import ValidationFailed, clip, install_handlers
-from app.intake import (
-    ASGIApp,
-    BodyLimitMiddleware,
-    Message,
-    Receive,
-    Scope,
-    Send,
-    body_limits,
-)
+from app.errors import install_handlers
+from app.intake import body_limits
 from app.middleware import (
     AdminAuthMiddleware,
     AllowedHostsMiddleware,
+    BodyLimitMiddleware,
     HeadMiddleware,
+    MetricsMiddleware,
     NoWebSocketMiddleware,
     SecurityHeadersMiddleware,
     page_csp,
@@ -54,43 +45,6 @@ Upload images to **POST /v1/classify** (one `file`) or **/v1/classify/batch** (s
 """
 
 
-# Metric labels from a fixed set: any token is a valid method to the parser, and each new
-# label value would be a new time series.
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
-
-
-class MetricsMiddleware:
-    """Counts requests by route template and status, and their total latency."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500
-        t0 = time.perf_counter()
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            state: AppState | None = getattr(scope["app"].state, "alexnet", None)
-            route = getattr(scope.get("route"), "path", "unmatched")
-            if state is not None:
-                method = scope["method"] if scope["method"] in _METHODS else "other"
-                state.metrics.requests.labels(route, method, str(status)).inc()
-                state.metrics.latency.labels(route).observe(time.perf_counter() - t0)
-                if status >= 400:
-                    state.metrics.rejections.labels(str(status)).inc()
-
-
 async def _startup(state: AppState) -> None:
     try:
         if not await state.load_initial():
@@ -109,7 +63,7 @@ async def _watch_active(state: AppState) -> None:
         try:
             active = state.registry.active_version()
             serving = state.registry.current.version if state.registry.current else None
-            busy = state.activation_lock.locked() or state.status in ("starting", "loading")
+            busy = state.model_lock.locked() or state.status in ("starting", "loading")
             if active is None or active in (serving, failed) or busy:
                 continue  # (an activation in progress writes ACTIVE before it serves)
             log.info("ACTIVE changed to %s: activating it", active)
@@ -132,41 +86,6 @@ async def _heartbeat(state: AppState) -> None:
             await asyncio.to_thread(update_presence, state.presence)
 
 
-def _query_names(dep: Dependant) -> set[str]:
-    names = {p.alias for p in dep.query_params}
-    for sub in dep.dependencies:
-        names |= _query_names(sub)
-    return names
-
-
-async def reject_unknown_query(request: Request) -> None:
-    """422 for query parameters a route does not declare (`?topk=3` is a typo to report,
-    not a request to answer with the default top 5) and for one given twice."""
-    if not request.scope.get("query_string"):
-        return  # the usual case: nothing to check
-    route = request.scope.get("route")
-    if not isinstance(route, APIRoute) or not route.include_in_schema:
-        return
-    declared = _query_names(route.dependant)
-    counts = Counter(k for k, _ in request.query_params.multi_items())
-    repeated = sorted(k for k, n in counts.items() if n > 1 and k in declared)
-    if repeated:  # every parameter here is a scalar: `?top_k=1&top_k=2` is ambiguous
-        raise ValidationFailed(
-            f"query parameter(s) given more than once: {', '.join(repeated)}",
-            details=[{"loc": ["query", r], "msg": "given more than once"} for r in repeated],
-        )
-    unknown = sorted(set(request.query_params) - declared)
-    if unknown:
-        raise ValidationFailed(
-            f"unknown query parameter(s): {clip(', '.join(unknown))}"
-            + (f" (accepted: {', '.join(sorted(declared))})" if declared else ""),
-            details=[
-                {"loc": ["query", clip(u, 100)], "msg": "not a parameter of this route"}
-                for u in unknown
-            ],
-        )
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -183,7 +102,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state = build_state(settings)
         app.state.alexnet = state
         state.batcher.start()
-        assert state.runner is not None and state.jobs is not None
         if settings.run_jobs:
             state.runner.start()
         state.presence = announce(settings.home, watch_active_s=settings.watch_active_s)

@@ -1,19 +1,43 @@
-"""ASGI middleware of our own: security headers on every answer, and /admin
-authentication before any body is read."""
+"""The service's own ASGI middleware, all of it: metrics of every request, security headers
+on every answer, /admin authentication before any body is read, the body limits, deadline
+and in-flight upload budget, HEAD, allowed hosts, and no websockets. `create_app`
+(app/main.py) stacks them; the protocol below them is app/protocol.py."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import re
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
-from app.errors import AdminDisabled, AppError, BadRequest, NotFound, Unauthorized, clip
-from app.intake import ASGIApp, Message, Receive, Scope, Send, send_error
+if TYPE_CHECKING:
+    from app.state import AppState
+
+from app import paths
+from app.errors import (
+    AdminDisabled,
+    AppError,
+    BadRequest,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    RequestBodyTimeout,
+    Unauthorized,
+    clip,
+)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # For JSON, images and plain text: nothing to load, run or frame.
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
@@ -175,3 +199,138 @@ class NoWebSocketMiddleware:
         await send({"type": "websocket.http.response.start", "status": err.status, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
         await send({"type": "websocket.http.response.body", "body": body})
+
+
+# Metric labels from a fixed set: any token is a valid method to the parser, and each new
+# label value would be a new time series.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
+class MetricsMiddleware:
+    """Counts requests by route template and status, and their total latency."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        t0 = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            state: AppState | None = getattr(scope["app"].state, "alexnet", None)
+            route = getattr(scope.get("route"), "path", "unmatched")
+            if state is not None:
+                method = scope["method"] if scope["method"] in _METHODS else "other"
+                state.metrics.requests.labels(route, method, str(status)).inc()
+                state.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+                if status >= 400:
+                    state.metrics.rejections.labels(str(status)).inc()
+
+
+class BodyLimitMiddleware:
+    """Refuse a request body over its route's limit while it is being read: at once when
+    Content-Length says so, else as soon as the streamed bytes pass the limit (413
+    payload_too_large), before the body is spooled anywhere. The whole body must arrive
+    within `body_timeout_s` of its first read (408), and a response sent before the body
+    was read to its end closes the connection.
+
+    Upload bytes in flight (received by requests not finished yet, in memory or spooled to
+    disk) have a budget across all connections, `max_in_flight_bytes`: past it a new upload
+    is refused with 429 and Retry-After before any of its body is read."""
+
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int],
+                 body_timeout_s: float = 60.0, max_in_flight_bytes: int = 0,
+                 upload_paths: frozenset[str] = paths.UPLOADS) -> None:  # fmt: skip
+        self.app, self.limit_for, self.body_timeout_s = app, limit_for, body_timeout_s
+        self.max_in_flight_bytes, self.upload_paths = max_in_flight_bytes, upload_paths
+        self.in_flight_bytes = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope["path"])
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > limit
+            except ValueError:
+                too_big = False  # h11/httptools reject malformed lengths themselves
+            if too_big:
+                await send_error(send, PayloadTooLarge(
+                    f"request body is {int(declared)} bytes; the limit here is {limit}"))  # fmt: skip
+                return
+        upload = scope["path"] in self.upload_paths
+        if upload and self.max_in_flight_bytes and self.in_flight_bytes >= self.max_in_flight_bytes:
+            await send_error(send, Overloaded(
+                f"{self.in_flight_bytes} bytes of uploads are being received; retry shortly",
+                retry_after_s=1))  # fmt: skip
+            return
+        received = 0
+        body_done = False
+        deadline: float | None = None  # the whole body within body_timeout_s
+
+        async def limited_receive() -> Message:
+            nonlocal received, body_done, deadline
+            if body_done:  # later receives wait for a disconnect: no deadline
+                return await receive()
+            loop = asyncio.get_running_loop()
+            if deadline is None:
+                deadline = loop.time() + self.body_timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise RequestBodyTimeout(
+                    f"the request body did not arrive within {self.body_timeout_s:g} s"
+                ) from None
+            if message["type"] == "http.request":
+                n = len(message.get("body", b""))
+                received += n
+                if upload:
+                    self.in_flight_bytes += n
+                if received > limit:
+                    raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+                body_done = not message.get("more_body", False)
+            return message
+
+        # A response that goes out before the body was read to its end (413, 408, 401, a
+        # malformed multipart) closes the connection: the unread rest is not worth
+        # draining, and a client streaming a never-ending body cannot keep the connection.
+        has_body = declared not in (None, b"0") or b"transfer-encoding" in headers
+
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and has_body and not body_done:
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == b"connection" for k, _ in headers):  # (a 408 has one)
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, closing_send)
+        finally:
+            if upload:
+                self.in_flight_bytes -= received
+
+
+async def send_error(send: Send, err: AppError) -> None:
+    """`err` in the error envelope from a raw ASGI middleware (below the app's handlers),
+    closing the connection: the request's body is left unread."""
+    body = json.dumps(err.body()).encode()
+    extra = [(k.lower().encode(), v.encode()) for k, v in (err.headers() or {}).items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"), *extra]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})

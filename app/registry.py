@@ -28,9 +28,8 @@ from model.checkpoint import (
     write_active,
 )
 from model.device import Placement
-from model.engine import Classifier, for_inference, predict
+from model.predictor import Predictor, Row
 from model.synthetic import render
-from model.transforms import EvalTransform
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +40,7 @@ PROBE_IMAGES = 128
 @dataclass(frozen=True)
 class LoadedModel:
     card: ModelCard
-    model: Classifier
-    transform: EvalTransform
+    predictor: Predictor
     placement: Placement
     compiled: bool = False
     precision_check: dict[str, Any] = field(default_factory=dict)
@@ -60,16 +58,16 @@ class LoadedModel:
             "precision_check": self.precision_check,
         }
 
-    def run_batch(self, batch: torch.Tensor, top_k: int) -> list[list[tuple[int, float]]]:
+    def run_batch(self, batch: torch.Tensor, top_k: int) -> list[Row]:
         """Runs on the batcher's executor thread."""
-        return list(predict(self.model, batch, top_k).rows())
+        return self.predictor.rows(batch, top_k)
 
 
-def _probe_batch(card: ModelCard, n: int) -> torch.Tensor:
+def _probe_batch(predictor: Predictor, n: int) -> torch.Tensor:
     """`n` deterministic, varied images (the built-in shapes) at the model's input size."""
-    tf = EvalTransform(card.preprocessing)
-    imgs = [torch.from_numpy(render(7, i, card.resize_size)[0]).permute(2, 0, 1) for i in range(n)]
-    return tf(torch.stack(imgs))
+    size = predictor.card.resize_size
+    imgs = [torch.from_numpy(render(7, i, size)[0]).permute(2, 0, 1) for i in range(n)]
+    return predictor.inputs(torch.stack(imgs))
 
 
 def prepare(
@@ -87,13 +85,12 @@ def prepare(
     net, card = load_version(version_dir)
     check: dict[str, Any] = {}
     if placement.precision != "fp32":
-        probes = _probe_batch(card, PROBE_IMAGES)
         fp32 = Placement(placement.device, "fp32")
-        ref_top1 = predict(for_inference(net, card.preprocessing, fp32, channels_last=channels_last),
-                           probes, 1).indices[:, 0]  # fmt: skip
-        model = for_inference(net, card.preprocessing, placement, channels_last=channels_last)
-        top1 = predict(model, probes, 1).indices[:, 0]
-        agreement = float((top1 == ref_top1).float().mean())
+        ref = Predictor(net, card, fp32, channels_last=channels_last)
+        probes = _probe_batch(ref, PROBE_IMAGES)
+        ref_top1 = ref.top1(probes)
+        predictor = Predictor(net, card, placement, channels_last=channels_last)
+        agreement = float((predictor.top1(probes) == ref_top1).float().mean())
         check = {"agreement_with_fp32": agreement, "probes": PROBE_IMAGES,
                  "requested": placement.precision}  # fmt: skip
         if agreement < AGREEMENT_MIN:
@@ -101,14 +98,14 @@ def prepare(
                         card.version, placement.precision, 100 * agreement)  # fmt: skip
             placement = fp32
             net, _ = load_version(version_dir)  # the fp32 weights, not bf16 rounded
-            model = for_inference(net, card.preprocessing, fp32, channels_last=channels_last)
+            predictor = Predictor(net, card, fp32, channels_last=channels_last)
     else:
-        model = for_inference(net, card.preprocessing, placement, channels_last=channels_last)
+        predictor = Predictor(net, card, placement, channels_last=channels_last)
     compiled = False
     if compile_model:
-        model.net = torch.compile(model.net, dynamic=False)  # type: ignore[assignment]
+        predictor.model.net = torch.compile(predictor.model.net, dynamic=False)  # type: ignore[assignment]
         compiled = True
-    loaded = LoadedModel(card, model, EvalTransform(card.preprocessing), placement, compiled, check)
+    loaded = LoadedModel(card, predictor, placement, compiled, check)
     # Warm-up: first calls allocate and pick kernels; compiled models compile per shape.
     for bs in warmup_batch_sizes:
         x = torch.zeros(bs, 3, card.image_size, card.image_size, dtype=torch.uint8)

@@ -9,12 +9,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-from fastapi import Depends, Request
 
 from app import presence
+from app.activation import should_activate
 from app.batching import BatchStats, MicroBatcher, Row
 from app.errors import ModelNotReady
 from app.intake import Decoder
@@ -24,7 +24,7 @@ from app.memory import MemoryTrimmer
 from app.metrics import Metrics
 from app.registry import LoadedModel, Registry, prepare
 from app.settings import Settings
-from model.checkpoint import CheckpointError, ModelCard, read_card
+from model.checkpoint import CheckpointError, read_card
 from model.device import Placement, resolve
 from model.images import DecodeLimits
 
@@ -39,14 +39,16 @@ class AppState:
     placement: Placement
     batcher: MicroBatcher[LoadedModel]
     decoder: Decoder
+    jobs: JobStore
+    runner: JobRunner
     started_at: float = field(default_factory=time.time)
     status: str = "starting"  # starting | loading | bootstrapping | ready | no_model
     status_detail: str = ""
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
-    jobs: JobStore | None = None
-    runner: JobRunner | None = None
     bootstrap_job_id: str | None = None
-    activation_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Held by everything that changes the served model: an activation, the initial load,
+    # the bootstrap's import and the ACTIVE watcher (through `activate`), a deletion.
+    model_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     presence: Path | None = None  # this server's record under $ALEXNET_HOME/servers/
     trimmer: MemoryTrimmer = field(default_factory=lambda: MemoryTrimmer(0))
 
@@ -65,7 +67,6 @@ class AppState:
         return current
 
     def _bootstrap_detail(self, job_id: str) -> str:
-        assert self.jobs is not None
         job = self.jobs.get(job_id)
         if job is None:
             return self.status_detail
@@ -112,7 +113,7 @@ class AppState:
         `persist`) write ACTIVE. One activation at a time; requests already batched finish
         on the model they were preprocessed for. Raises CheckpointError for a version that
         does not load."""
-        async with self.activation_lock:
+        async with self.model_lock:
             loaded = await asyncio.to_thread(self.load, version)
             previous = self.registry.current
             self.serve(loaded, persist=persist)
@@ -120,7 +121,7 @@ class AppState:
 
     async def on_job_success(self, job: Job) -> None:
         """A job registered a version: activate it as its `activate` policy says."""
-        assert self.jobs is not None and job.result_version
+        assert job.result_version
         card = read_card(self.registry.stored_version_dir(job.result_version))
         current = self.registry.current
         yes, why = should_activate(job.activate, card, current.card if current else None)
@@ -130,6 +131,10 @@ class AppState:
 
     async def load_initial(self) -> bool:
         """Serve ACTIVE, or the newest other good version if ACTIVE is broken."""
+        async with self.model_lock:
+            return await self._load_initial()
+
+    async def _load_initial(self) -> bool:
         self.status = "loading"
         for version in self.registry.candidates():
             try:
@@ -149,25 +154,6 @@ class AppState:
             return True
         self.status = "no_model"
         return False
-
-
-def should_activate(policy: str, new: ModelCard, current: ModelCard | None) -> tuple[bool, str]:
-    """(activate?, why) for a finished job's version under `policy`."""
-    if current is None:
-        return True, "activated: no version was being served"
-    if policy == "always":
-        return True, "activated: activate=always"
-    if policy == "never":
-        return False, "not activated: activate=never"
-    if new.labels != current.labels:
-        return False, (f"not activated: its labels differ from the served version "
-                       f"{current.version}'s; activate it explicitly")  # fmt: skip
-    new_top1 = float(new.metrics.get("val_top1", 0.0))
-    cur_top1 = float(current.metrics.get("val_top1", 0.0))
-    if new_top1 > cur_top1:
-        return True, f"activated: val_top1 {new_top1:.4f} > {cur_top1:.4f} ({current.version})"
-    return False, (f"not activated: val_top1 {new_top1:.4f} <= {cur_top1:.4f} of the served "
-                   f"version {current.version}")  # fmt: skip
 
 
 def build_state(settings: Settings) -> AppState:
@@ -199,21 +185,13 @@ def build_state(settings: Settings) -> AppState:
         DecodeLimits(max_pixels=settings.max_image_pixels, max_side=settings.max_image_side),
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode"),
     )
-    state = AppState(settings, registry, metrics, placement, batcher, decoder,
-                     trimmer=MemoryTrimmer(settings.memory_trim_s, metrics.memory_returned.inc))  # fmt: skip
-    state.jobs = JobStore(settings.db_path)
-    state.runner = JobRunner(
-        state.jobs, settings.jobs_dir, settings.home,
+    jobs = JobStore(settings.db_path)
+    runner = JobRunner(
+        jobs, settings.jobs_dir, settings.home,
         threads=settings.effective_job_threads, nice=settings.job_nice,
-        on_success=state.on_job_success, stop_timeout_s=settings.shutdown_timeout_s,
-        keep_job_state=settings.keep_job_state,
+        stop_timeout_s=settings.shutdown_timeout_s, keep_job_state=settings.keep_job_state,
     )  # fmt: skip
+    state = AppState(settings, registry, metrics, placement, batcher, decoder, jobs, runner,
+                     trimmer=MemoryTrimmer(settings.memory_trim_s, metrics.memory_returned.inc))  # fmt: skip
+    runner.on_success = state.on_job_success
     return state
-
-
-def get_state(request: Request) -> AppState:
-    state: AppState = request.app.state.alexnet
-    return state
-
-
-StateDep = Annotated[AppState, Depends(get_state)]

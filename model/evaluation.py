@@ -15,8 +15,8 @@ from torch.utils.data import Dataset
 from model.checkpoint import ModelCard
 from model.data import DatasetBundle, DatasetError, ShardSampler, load_dataset, make_loader
 from model.device import Placement
-from model.engine import EvalResult, evaluate, for_inference
-from model.transforms import EvalTransform
+from model.engine import EvalResult
+from model.predictor import Predictor
 
 Split = Literal["all", "val", "holdout"]
 SPLITS: Final = ("all", "val", "holdout")
@@ -124,11 +124,10 @@ def evaluate_version(
         )
     split = split or default_split(bundle)
     ds = split_images(bundle, split)
-    model = for_inference(net, card.preprocessing, placement, channels_last=channels_last)
+    predictor = Predictor(net, card, placement, channels_last=channels_last)
     loader = make_loader(ds, ShardSampler(len(ds), shuffle=False),  # type: ignore[arg-type]
                          batch_size=batch_size, workers=0, pin_memory=False)  # fmt: skip
-    tf = EvalTransform(card.preprocessing)
-    res = evaluate(model, ((tf(x.to(placement.device)), y) for x, y in loader), confusion=True)
+    res = predictor.evaluate(loader, confusion=True)
     return EvalReport(
         version=card.version,
         dataset=spec,

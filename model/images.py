@@ -28,7 +28,8 @@ _BACKGROUND: Final = (255, 255, 255)  # transparent pixels are composited onto w
 
 
 class ImageError(ValueError):
-    """Base of the decode errors; `code` is the HTTP API's error code."""
+    """Base of the decode errors. `code` names the failure for machines (the error code
+    `alexnet predict --json` and the API show); app/errors.py picks the HTTP status."""
 
     code = "invalid_image"
 

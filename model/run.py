@@ -14,6 +14,7 @@ The admin job runner (app/jobs/), torchrun and a user's own script all start the
 from __future__ import annotations
 
 import argparse
+import json
 import time
 import types
 import typing
@@ -143,7 +144,8 @@ def parse_event(line: str | bytes) -> Event | None:
 
 
 def event_line(ev: Event) -> str:
-    return ev.model_dump_json() + "\n"
+    """One line of an events file (json.dumps' spacing, as the file always had)."""
+    return json.dumps(ev.model_dump(mode="json")) + "\n"
 
 
 def read_events(path: Path) -> list[Event]:

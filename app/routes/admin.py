@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import FileResponse, PlainTextResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from app.deps import AdminDep, StateDep
 from app.errors import (
     Conflict,
     NotFound,
@@ -17,34 +17,16 @@ from app.errors import (
     responses,
 )
 from app.jobs.store import RESUMABLE, Job
-from app.middleware import check_admin_token
 from app.presence import serving_versions
 from app.schemas import ActivateResponse, DeletedVersion, JobList, JobOut, JobRequest
-from app.state import AppState, StateDep
+from app.state import AppState
 from app.storage import InUse, delete_version, purge_job
 from model.checkpoint import CheckpointError, read_card
 from model.data import DatasetError, resolve_dataset_dir, scan_imagefolder
 from model.run import LOG_FILE, PLOT_FILE
 
-bearer = HTTPBearer(
-    auto_error=False,
-    description="The value of ALEXNET_ADMIN_TOKEN (admin routes answer 503 admin_disabled "
-    "while it is unset)",
-)
-
-
-async def require_admin(
-    state: StateDep,
-    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> None:
-    """Declares the scheme in OpenAPI, and checks again: AdminAuthMiddleware has already
-    refused unauthenticated requests before their bodies were read."""
-    given = f"Bearer {creds.credentials}" if creds is not None else None
-    check_admin_token(state.settings.admin_token, given)
-
-
 router = APIRouter(
-    prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)],
+    prefix="/admin", tags=["admin"], dependencies=[AdminDep],
     responses=responses(401, 503),
 )  # fmt: skip
 
@@ -52,7 +34,6 @@ JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{12}$", examples=["3f2a9c1b7d4e"]
 
 
 def _job_or_404(state: AppState, job_id: str) -> Job:
-    assert state.jobs is not None
     job = state.jobs.get(job_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}")
@@ -101,7 +82,6 @@ def with_base(state: AppState, req: JobRequest) -> JobRequest:
         413: ("payload_too_large", "request body is larger than 1048576 bytes")}),
 )  # fmt: skip
 async def create_job(req: JobRequest, state: StateDep) -> JobOut:
-    assert state.jobs is not None and state.runner is not None
     check_dataset(state, req.dataset)
     if req.base is not None:
         req = with_base(state, req)
@@ -116,7 +96,6 @@ async def create_job(req: JobRequest, state: StateDep) -> JobOut:
 
 @router.get("/jobs", response_model=JobList, summary="Jobs, newest first")
 async def list_jobs(state: StateDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JobList:
-    assert state.jobs is not None
     return JobList(jobs=[JobOut.of(j) for j in state.jobs.list(limit=limit)])
 
 
@@ -133,7 +112,6 @@ async def get_job(job_id: JobId, state: StateDep) -> JobOut:
 )  # fmt: skip
 async def job_losses(job_id: JobId, state: StateDep) -> FileResponse:
     _job_or_404(state, job_id)
-    assert state.runner is not None
     path = state.runner.run_dir(job_id) / PLOT_FILE
     if not path.is_file():
         raise NotFound(f"job {job_id} has no loss plot yet: it appears after the first epoch")
@@ -149,7 +127,6 @@ async def job_log(
     tail: Annotated[int, Query(ge=1, le=1_000_000, description="bytes from the end")] = 65536,
 ) -> PlainTextResponse:  # fmt: skip
     _job_or_404(state, job_id)
-    assert state.runner is not None
     path = state.runner.run_dir(job_id) / LOG_FILE
     try:
         with path.open("rb") as f:
@@ -173,7 +150,6 @@ async def cancel_job(
     job_id: JobId, state: StateDep,
     purge: Annotated[bool, Query(description="delete a finished job's resumable state")] = False,
 ) -> JobOut:  # fmt: skip
-    assert state.runner is not None and state.jobs is not None
     job = _job_or_404(state, job_id)
     if purge:
         try:
@@ -186,7 +162,6 @@ async def cancel_job(
     if job.status in ("succeeded", "failed"):
         raise Conflict(f"job {job_id} is {job.status}; only queued or running jobs cancel")
     if job.status == "interrupted":
-        assert state.jobs is not None
         state.jobs.update(job_id, expect=("interrupted",), status="cancelled")
     else:
         state.runner.cancel(job_id)
@@ -197,7 +172,6 @@ async def cancel_job(
              summary="Continue an interrupted or cancelled job from its last saved state",
              responses=responses(404, 409, 429))  # fmt: skip
 async def resume_job(job_id: JobId, state: StateDep) -> JobOut:
-    assert state.runner is not None and state.jobs is not None
     job = _job_or_404(state, job_id)
     if job.status not in RESUMABLE:
         raise Conflict(f"job {job_id} is {job.status}; only interrupted or cancelled jobs resume")
@@ -246,11 +220,10 @@ async def activate_version(
 async def delete_model(
     version: Annotated[str, Path(examples=["20261127-031500-ab12"])], state: StateDep
 ) -> DeletedVersion:
-    assert state.jobs is not None
     serving = serving_versions(state.settings.home)
     if state.registry.current is not None:
         serving.add(state.registry.current.version)
-    async with state.activation_lock:  # not while a swap may be loading it
+    async with state.model_lock:  # not while a swap may be loading it
         try:
             freed = await asyncio.to_thread(delete_version, version,
                                             models_dir=state.registry.models_dir,

@@ -9,12 +9,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from starlette.datastructures import UploadFile
 
-from app.batching import Row
+from app import paths
+from app.batching import BatcherError, Row
+from app.deps import StateDep
 from app.errors import (
     AppError,
     ClientClosedRequest,
     RequestTimeout,
     ValidationFailed,
+    from_batcher_error,
     from_image_error,
     responses,
 )
@@ -28,11 +31,11 @@ from app.schemas import (
     Prediction,
     multipart_body,
 )
-from app.state import AppState, StateDep
+from app.state import AppState
 from model.engine import default_top_k
 from model.images import ImageError
 
-router = APIRouter(prefix="/v1", tags=["classify"])
+router = APIRouter(tags=["classify"])
 
 TopK = Annotated[
     int | None,
@@ -100,10 +103,10 @@ async def _admit(state: AppState, request: Request) -> None:
     read it from and reuse: closing with unread bytes would reset it."""
     try:
         state.batcher.admit()
-    except AppError:
+    except BatcherError as exc:
         async for _ in request.stream():
             pass
-        raise
+        raise from_batcher_error(exc) from exc
 
 
 async def _classify_bytes(
@@ -112,21 +115,24 @@ async def _classify_bytes(
     t0 = time.perf_counter()
     try:
         with state.batcher.incoming():
-            tensor = await state.decoder(data, loaded.transform)
+            tensor = await state.decoder(data, loaded.predictor)
     except ImageError as exc:
         raise from_image_error(exc) from exc
     finally:
         state.metrics.stage.labels("decode").observe(time.perf_counter() - t0)
-    fut = state.batcher.submit(tensor, loaded, top_k=top_k, deadline=deadline)
-    state.metrics.queue_depth.set(state.batcher.depth)
-    row = await _result(request, fut, deadline)
+    try:
+        fut = state.batcher.submit(tensor, loaded, top_k=top_k, deadline=deadline)
+        state.metrics.queue_depth.set(state.batcher.depth)
+        row = await _result(request, fut, deadline)
+    except BatcherError as exc:
+        raise from_batcher_error(exc) from exc
     if row:
         state.metrics.predictions.labels(loaded.card.labels[row[0][0]]).inc()
     return row
 
 
 @router.post(
-    "/classify",
+    paths.CLASSIFY,
     summary="Classify one image",
     response_model=ClassifyResponse,
     responses=responses(400, 413, 415, 422, 429, 500, 503, 504),
@@ -154,7 +160,7 @@ async def classify(request: Request, state: StateDep, top_k: TopK = None) -> Cla
 
 
 @router.post(
-    "/classify/batch",
+    paths.CLASSIFY_BATCH,
     summary="Classify several images, each answered on its own",
     response_model=BatchResponse,
     response_model_exclude_none=True,

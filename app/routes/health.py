@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from app.deps import StateDep
 from app.errors import responses
 from app.schemas import Health, Readiness
-from app.state import StateDep
 
 router = APIRouter(tags=["health"])
 

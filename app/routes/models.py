@@ -6,9 +6,9 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from app.deps import StateDep
 from app.errors import responses
 from app.schemas import ModelsResponse, VersionSummary
-from app.state import StateDep
 from app.storage import tree_bytes
 
 router = APIRouter(prefix="/v1/models", tags=["models"])

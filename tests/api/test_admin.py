@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from app.activation import should_activate
 from app.jobs.runner import apply_event, train_argv
 from app.jobs.store import JobStore
 from app.schemas import JobOut, JobRequest
 from app.settings import Settings
-from app.state import AppState, should_activate
+from app.state import AppState
 from model.checkpoint import read_active, read_card, write_active
 from model.run import EpochEnd, Event, Finished, Start, Step, parse_event
 from tests.api.conftest import make_client, wait_ready

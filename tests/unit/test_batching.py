@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from app.batching import MicroBatcher, Row
-from app.errors import InternalError, ModelNotReady, Overloaded, RequestTimeout
+from app.batching import BatchFailed, Closed, Expired, MicroBatcher, QueueFull, Row
+from app.errors import from_batcher_error
 
 
 class FakeModel:
@@ -19,6 +19,7 @@ class FakeModel:
 
     def __init__(self, delay_s: float = 0.0) -> None:
         self.delay_s, self.batches, self.fail = delay_s, [], False
+        self.short = False  # answer one row too few
         self.gate: threading.Event | None = None
 
     def __call__(self, model: Any, batch: torch.Tensor, k: int) -> list[Row]:
@@ -29,7 +30,8 @@ class FakeModel:
         if self.fail:
             raise RuntimeError("boom")
         # the "class" is the image's first pixel value, probability 1
-        return [[(int(x[0, 0, 0]), 1.0)] for x in batch]
+        rows = [[(int(x[0, 0, 0]), 1.0)] for x in batch]
+        return rows[1:] if self.short else rows
 
 
 def img(v: int) -> torch.Tensor:
@@ -126,7 +128,7 @@ def test_expired_requests_are_dropped_before_compute() -> None:
         await asyncio.sleep(0.05)
         fake.gate.set()
         await busy
-        with pytest.raises(RequestTimeout):
+        with pytest.raises(Expired):
             await late
         await b.stop()
         assert [n for _, n in fake.batches] == [1]  # the expired one never ran
@@ -154,6 +156,24 @@ def test_cancelled_requests_are_skipped() -> None:
     run(main())
 
 
+def test_a_batch_with_a_row_missing_fails_that_batch_and_the_worker_lives_on() -> None:
+    async def main() -> None:
+        fake = FakeModel()
+        b: MicroBatcher[str] = MicroBatcher(fake, max_batch_size=8, max_batch_wait_ms=0)
+        b.start()
+        d = asyncio.get_running_loop().time() + 5
+        fake.short = True
+        futs = [b.submit(img(i), "m", top_k=1, deadline=d) for i in range(3)]
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        assert all(isinstance(r, BatchFailed) for r in results)
+        assert from_batcher_error(results[0]).status == 500  # type: ignore[arg-type]
+        fake.short = False
+        assert await b.submit(img(5), "m", top_k=1, deadline=d) == [(5, 1.0)]
+        await b.stop()
+
+    run(main())
+
+
 def test_a_model_error_fails_only_that_batch_and_the_worker_lives_on() -> None:
     async def main() -> None:
         fake = FakeModel()
@@ -163,7 +183,7 @@ def test_a_model_error_fails_only_that_batch_and_the_worker_lives_on() -> None:
         fake.fail = True
         futs = [b.submit(img(i), "m", top_k=1, deadline=d) for i in range(3)]
         results = await asyncio.gather(*futs, return_exceptions=True)
-        assert all(isinstance(r, InternalError) for r in results)
+        assert all(isinstance(r, BatchFailed) for r in results)
         fake.fail = False
         assert await b.submit(img(5), "m", top_k=1, deadline=d) == [(5, 1.0)]
         await b.stop()
@@ -183,12 +203,13 @@ def test_a_full_queue_is_refused_with_a_retry_after() -> None:
         running = b.submit(img(0), "m", top_k=1, deadline=d)
         await asyncio.sleep(0.05)
         queued = [b.submit(img(i), "m", top_k=1, deadline=d) for i in (1, 2)]
-        with pytest.raises(Overloaded) as info:
+        with pytest.raises(QueueFull) as info:
             b.submit(img(3), "m", top_k=1, deadline=d)
-        with pytest.raises(Overloaded):
+        with pytest.raises(QueueFull):
             b.admit()  # refused up front, before the body is parsed or decoded
-        assert info.value.headers() is not None
-        assert int(info.value.headers()["Retry-After"]) >= 1  # type: ignore[index]
+        err = from_batcher_error(info.value)  # as the API answers it
+        assert err.status == 429 and err.headers() is not None
+        assert int(err.headers()["Retry-After"]) >= 1  # type: ignore[index]
         fake.gate.set()
         await asyncio.gather(running, *queued)
         await b.stop()
@@ -200,7 +221,7 @@ def test_admission_counts_images_being_decoded() -> None:
     async def main() -> None:
         b: MicroBatcher[str] = MicroBatcher(FakeModel(), max_queue=2)
         b.admit()
-        with b.incoming(2), pytest.raises(Overloaded, match="2 being decoded"):
+        with b.incoming(2), pytest.raises(QueueFull, match="2 being decoded"):
             b.admit()
         b.admit()
 
@@ -215,7 +236,7 @@ def test_admission_bounds_the_queue_in_time_at_the_measured_rate() -> None:
             b._rate = 400.0  # images/s
             b.admit()  # 101 images drain in 0.25 s
             b._rate = 100.0
-            with pytest.raises(Overloaded, match=r"would take 1\.0 s"):
+            with pytest.raises(QueueFull, match=r"would take 1\.0 s"):
                 b.admit()
         b.admit()
 
@@ -234,8 +255,8 @@ def test_stop_drains_then_fails_what_is_left() -> None:
         await b.stop(drain_timeout_s=0.1)  # the model is stuck: nothing drains
         fake.gate.set()
         results = await asyncio.gather(*futs[1:], return_exceptions=True)
-        assert all(isinstance(r, ModelNotReady) for r in results)
-        with pytest.raises(ModelNotReady):
+        assert all(isinstance(r, Closed) for r in results)
+        with pytest.raises(Closed):
             b.submit(img(9), "m", top_k=1, deadline=d)
 
     run(main())
