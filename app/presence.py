@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
-from model.checkpoint import atomic_write_bytes
+from model.files import atomic_write_bytes
 
 SERVERS_DIR: Final = "servers"
 HEARTBEAT_S: Final = 15.0

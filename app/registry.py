@@ -22,12 +22,12 @@ from model.checkpoint import (
     list_cards,
     load_version,
     read_active,
-    remove_partial_saves,
     resolve_version_dir,
     stored_version_dir,
     write_active,
 )
 from model.device import Placement
+from model.files import remove_partial_saves
 from model.predictor import Predictor, Row
 from model.synthetic import render
 

@@ -23,12 +23,11 @@ from typing import Final
 from app.jobs.store import RESUMABLE, Job, JobStore
 from model.checkpoint import (
     CheckpointError,
-    fsync_dir,
     iter_version_dirs,
     read_active,
-    run_in_use,
     stored_version_dir,
 )
+from model.files import fsync_dir, run_in_use
 from model.run import BEST_FILE, STATE_FILE
 from model.run_state import RunState, RunStateError
 

@@ -161,9 +161,9 @@ def run_train(args: argparse.Namespace, argv: Sequence[str], s: Settings) -> int
         CheckpointError,
         read_active,
         resolve_version_dir,
-        set_writer_tag,
         write_active,
     )
+    from model.files import set_writer_tag
 
     set_parent_death_signal()  # a job's child must not outlive the service
     if args.writer_tag:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 from pathlib import Path
@@ -10,26 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-          "hubble_deep_field.jpg", "retina.jpg", "brick.png", "grass.png", "color.png")  # fmt: skip
-
-
-def photo_paths() -> list[Path]:
-    """Real public-domain photos shipped with scikit-image and matplotlib (dev extra)."""
-    out: list[Path] = []
-    spec = importlib.util.find_spec("skimage")
-    if spec and spec.submodule_search_locations:
-        data = Path(next(iter(spec.submodule_search_locations))) / "data"
-        out += [data / n for n in PHOTOS if (data / n).is_file()]
-    mpl = importlib.util.find_spec("matplotlib")
-    if mpl and mpl.submodule_search_locations:
-        p = (
-            Path(next(iter(mpl.submodule_search_locations)))
-            / "mpl-data/sample_data/grace_hopper.jpg"
-        )
-        if p.is_file():
-            out.append(p)
-    return out
+from tests.helpers.photos import photo_paths
 
 
 def jpeg_photos(folder: Path, size: tuple[int, int] | None = (1024, 768)) -> list[Path]:

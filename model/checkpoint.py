@@ -1,14 +1,13 @@
 """The on-disk model format: `<models>/<version>/{weights.safetensors, model.json}` and the
 `ACTIVE` pointer.
 
-Writes are atomic (temp file or folder, fsync, rename, fsync of the parent), so a crash at
-any moment leaves the previous state intact. Loading never unpickles: weights are
+Writes are atomic (temp file or folder, fsync, rename, fsync of the parent: model/files.py),
+so a crash at any moment leaves the previous state intact. Loading never unpickles: weights are
 safetensors, metadata is JSON, and both are validated before a single weight is trusted.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -16,7 +15,6 @@ import os
 import re
 import secrets
 import shutil
-import time
 from collections.abc import Collection, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +26,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from model import files
 from model.network import ARCHS, build_model, count_parameters
 from model.transforms import RESIZE_POLICIES, Preprocessing
 
@@ -38,7 +37,6 @@ WEIGHTS_FILE: Final = "weights.safetensors"
 CARD_FILE: Final = "model.json"
 ACTIVE_FILE: Final = "ACTIVE"
 VERSION_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch only
-_TMP_PREFIX: Final = ".tmp-"
 
 
 class CheckpointError(Exception):
@@ -120,38 +118,6 @@ class ModelCard(BaseModel):
         }
 
 
-# ----------------------------------------------------------------------------- atomic I/O
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_durably(path: Path, data: bytes) -> None:
-    """Write `data` to a new file and fsync it (the caller renames it into place)."""
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so a reader sees the old or the new content, never a mix."""
-    tmp = path.with_name(_tmp_name(path.name))
-    try:
-        write_file_durably(tmp, data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
-
-
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -227,17 +193,17 @@ def save_version(
         num_parameters=count_parameters(net),
         sha256=sha256_bytes(data),
     )
-    tmp = models_dir / _tmp_name(version)
+    tmp = models_dir / files.tmp_name(version)
     tmp.mkdir()
     try:
-        write_file_durably(tmp / WEIGHTS_FILE, data)
-        write_file_durably(tmp / CARD_FILE, card_json(card))
-        fsync_dir(tmp)
+        files.write_file_durably(tmp / WEIGHTS_FILE, data)
+        files.write_file_durably(tmp / CARD_FILE, card_json(card))
+        files.fsync_dir(tmp)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_dir(models_dir)
+    files.fsync_dir(models_dir)
     log.info("saved model version %s (%s, %d classes)", version, arch, len(labels))
     return card
 
@@ -345,91 +311,6 @@ def list_cards(models_dir: Path) -> list[ModelCard]:
     return cards
 
 
-_writer_tag = ""
-
-
-def set_writer_tag(tag: str) -> None:
-    """Name this process's temp files after `tag` (an admin job's, given to its child as
-    `--writer-tag`) instead of its pid, so the job runner can remove a dead child's
-    leftovers without touching a live writer's save in progress."""
-    global _writer_tag
-    _writer_tag = re.sub(r"[^A-Za-z0-9_-]", "", tag)
-
-
-def _tmp_name(name: str) -> str:
-    """A hidden temp name that says who writes it: the writer tag or the process id."""
-    return f"{_TMP_PREFIX}{name}.{_writer_tag or f'p{os.getpid()}'}.{secrets.token_hex(4)}"
-
-
-def remove_partial_saves(folder: Path, *, writer: str | None = None,
-                         older_than_s: float = 0.0) -> int:  # fmt: skip
-    """Delete temp folders and files left in `folder` by a crash mid-save; returns how many.
-
-    `writer`: only those of that writer tag (a job whose process died). `older_than_s`:
-    only those untouched for that long, so another live process's save in progress (a
-    trainer sharing the folder with this replica) is left alone."""
-    n = 0
-    if not folder.is_dir():
-        return 0
-    now = time.time()
-    for child in folder.iterdir():
-        if not child.name.startswith(_TMP_PREFIX):
-            continue
-        if writer is not None and f".{writer}." not in child.name:
-            continue
-        try:
-            if older_than_s and now - child.stat().st_mtime < older_than_s:
-                continue
-        except FileNotFoundError:
-            continue  # renamed into place meanwhile
-        if child.is_dir():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)
-        n += 1
-    return n
-
-
-RUN_LOCK_FILE: Final = "run.lock"
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Held by the process training in `run_dir` (an advisory lock the kernel drops when the
-    process dies), so nothing deletes a run's state under it and no second process trains
-    in the same folder."""
-    import fcntl
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / RUN_LOCK_FILE, "a+b") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise CheckpointError(
-                f"{run_dir}: another process is training in this run folder"
-            ) from exc
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def run_in_use(run_dir: Path) -> bool:
-    """Whether a live process holds `run_lock(run_dir)`."""
-    import fcntl
-
-    path = run_dir / RUN_LOCK_FILE
-    if not path.is_file():
-        return False
-    with open(path, "rb") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-        return False
-
-
 def read_active(models_dir: Path) -> str | None:
     try:
         name = (models_dir / ACTIVE_FILE).read_text().strip()
@@ -443,7 +324,7 @@ def write_active(models_dir: Path, version: str) -> None:
     check_version_name(version)
     if not (models_dir / version / CARD_FILE).is_file():
         raise CheckpointError(f"no model version {version!r} in {models_dir}")
-    atomic_write_bytes(models_dir / ACTIVE_FILE, (version + "\n").encode())
+    files.atomic_write_bytes(models_dir / ACTIVE_FILE, (version + "\n").encode())
 
 
 def stored_version_dir(models_dir: Path, version: str) -> Path:

@@ -188,3 +188,23 @@ def evaluate(
             if confusion:
                 res.add_confusion(labels, top[:, 0], logits.shape[1])
     return res
+
+
+def sgd_step(train_model: nn.Module, model: Classifier, optimizer: torch.optim.Optimizer,
+          scaler: torch.amp.GradScaler | None, x: torch.Tensor, y: torch.Tensor,
+          amp_dtype: torch.dtype | None) -> tuple[float, float]:  # fmt: skip
+    """One optimizer step; (loss, gradient norm)."""
+    with autocast(x.device, amp_dtype):
+        loss = F.cross_entropy(train_model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+        scaler.unscale_(optimizer)
+        gnorm = nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()  # type: ignore[no-untyped-call]
+        gnorm = nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        optimizer.step()
+    return float(loss.detach()), float(gnorm)

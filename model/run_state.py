@@ -19,9 +19,11 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
+from torch import nn
 
-from model.checkpoint import atomic_write_bytes
+from model.checkpoint import check_state_dict
 from model.config import TrainConfig
+from model.files import atomic_write_bytes
 from model.run import BEST_FILE, STATE_FILE
 from model.transforms import Preprocessing
 
@@ -115,3 +117,49 @@ def read_best_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def write_best_weights(run_dir: Path, weights: dict[str, torch.Tensor]) -> None:
     atomic_write_bytes(run_dir / BEST_FILE, st_save(weights))
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def training_tensors(net: nn.Module, optimizer: torch.optim.Optimizer,
+                     rngs: list[torch.Tensor]) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The state file's tensors: weights, momentum buffers, every rank's RNG (`rngs`, in
+    rank order) and the CUDA RNG when the model is on CUDA."""
+    tensors = {f"model.{k}": v.detach().to("cpu", copy=True).contiguous()
+               for k, v in net.state_dict().items()}  # fmt: skip
+    for idx, s in optimizer.state_dict()["state"].items():
+        if s.get("momentum_buffer") is not None:
+            tensors[f"optim.{idx}.momentum_buffer"] = (
+                s["momentum_buffer"].detach().cpu().contiguous()
+            )
+    for r, t in enumerate(rngs):
+        tensors[f"rng.torch.{r}"] = t.cpu()
+    if torch.cuda.is_available() and next(net.parameters()).device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    return tensors
+
+
+def restore_training(tensors: dict[str, torch.Tensor], net: nn.Module,
+                     optimizer: torch.optim.Optimizer, param_groups: list[dict[str, Any]], *,
+                     rank: int, source: str) -> None:  # fmt: skip
+    """Put a state file's tensors back: weights (checked against `net`), momentum buffers,
+    this rank's RNG and the CUDA RNG."""
+    weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    check_state_dict(net, weights, source=source)
+    net.load_state_dict(weights)
+    params = list(optimizer.param_groups[0]["params"])
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            idx = int(k.split(".")[1])
+            # Same strides as the parameter: the fused SGD kernel walks param, grad and
+            # buffer as flat memory, so a contiguous buffer beside a channels_last weight
+            # would be applied to the wrong elements.
+            opt_state[idx] = {"momentum_buffer": torch.empty_like(params[idx]).copy_(v)}
+    optimizer.load_state_dict({"state": opt_state, "param_groups": param_groups})
+    rng = tensors.get(f"rng.torch.{rank}", tensors.get("rng.torch.0"))
+    if rng is not None:
+        torch.set_rng_state(rng)
+    if "rng.cuda" in tensors and next(net.parameters()).device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"])

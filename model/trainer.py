@@ -13,20 +13,15 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.checkpoint import (
     CheckpointError,
     ModelCard,
-    atomic_write_bytes,
-    check_state_dict,
-    run_lock,
     save_version,
     weights_bytes,
 )
@@ -42,7 +37,9 @@ from model.data import (
 )
 from model.device import DTYPES, Placement, resolve
 from model.distributed import DistContext
-from model.engine import Classifier, EvalResult, autocast, evaluate
+from model.engine import Classifier, EvalResult, evaluate, sgd_step
+from model.epochs import Best, EpochAcc, TrainResult, eta_s, to_cpu
+from model.files import RunFolderBusy, atomic_write_bytes, run_lock
 from model.fine_tune import (
     BaseVersionError,
     base_card,
@@ -63,7 +60,13 @@ from model.run import (
     Start,
     Step,
 )
-from model.run_state import RunState, RunStateError, read_best_weights, write_best_weights
+from model.run_state import (
+    RunState,
+    RunStateError,
+    read_best_weights,
+    restore_training,
+    training_tensors,
+)
 from model.schedules import EarlyStopping, LRPolicy
 from model.transforms import EvalTransform
 
@@ -86,60 +89,6 @@ class TrainingInterrupted(Exception):
         self.run_dir, self.epoch, self.step = run_dir, epoch, step
 
 
-@dataclass
-class TrainResult:
-    card: ModelCard
-    history: list[dict[str, Any]]
-    best_epoch: int
-    stopped_early: bool
-
-
-@dataclass
-class _EpochAcc:
-    """Running sums of the epoch in progress (saved, so a resumed epoch reports the
-    same numbers as an uninterrupted one)."""
-
-    loss_sum: float = 0.0
-    grad_norm_sum: float = 0.0
-    steps: int = 0
-    images: int = 0
-    seconds: float = 0.0
-    step_losses: list[float] = field(default_factory=list)
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / max(self.seconds, 1e-9)
-
-
-@dataclass
-class _Best:
-    """The best epoch so far: its history record and weights. While the state file's
-    weights are the best epoch's (`in_state`), best.safetensors (228 MB) is not written."""
-
-    record: dict[str, Any] | None = None
-    weights: dict[str, torch.Tensor] | None = None
-    in_state: bool = False
-
-    def improved(self, record: dict[str, Any], net: nn.Module) -> None:
-        self.record, self.weights = dict(record), _to_cpu(net.state_dict())
-        self.in_state = True  # the state written next holds these weights
-
-    def persist(self, run_dir: Path, is_main: bool) -> None:
-        """Write best.safetensors before the state file stops holding the best weights."""
-        if self.in_state and self.weights is not None and is_main:
-            write_best_weights(run_dir, self.weights)
-        self.in_state = False
-
-
-def eta_s(ips: float, *, epoch: int, step: int, steps: int, epochs: int, batch: int,
-          world: int, val_seconds: float) -> float:  # fmt: skip
-    """Seconds left after `step` (from 1) of `epoch` (from 0), at `ips` images a second and
-    `val_seconds` a validation."""
-    remaining = (steps - step) + (epochs - epoch - 1) * steps
-    validations = epochs - epoch - (0 if step < steps else 1)
-    return remaining * batch * world / max(ips, 1e-9) + validations * val_seconds
-
-
 class Trainer:
     """Train `cfg` and register the best epoch as a model version.
 
@@ -158,7 +107,7 @@ class Trainer:
         self._stop = False
         self.history: list[dict[str, Any]] = []
         self.step_losses: list[float] = []
-        self.best = _Best()
+        self.best = Best()
 
     def request_stop(self) -> None:
         """Finish the current step, save the resumable state, raise TrainingInterrupted.
@@ -197,7 +146,7 @@ class Trainer:
             if self.dist.is_main:
                 try:
                     stack.enter_context(run_lock(self.run_dir))
-                except CheckpointError as exc:
+                except RunFolderBusy as exc:
                     raise TrainingError(str(exc)) from exc
             yield
 
@@ -223,7 +172,7 @@ class Trainer:
                                     weight_decay=cfg.weight_decay, fused=True)  # fmt: skip
         policy = LRPolicy(optimizer, cfg.scheduler)
         early = EarlyStopping(cfg.patience, cfg.min_delta)
-        start_epoch, start_step, acc = 0, 0, _EpochAcc()
+        start_epoch, start_step, acc = 0, 0, EpochAcc()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -255,7 +204,7 @@ class Trainer:
         log.info("training %s on %s (%s), %s", cfg.arch, cfg.dataset, placement.describe(),
                  bundle.split)  # fmt: skip
 
-        def save(epoch: int, step: int, acc: _EpochAcc, finished: str | None = None) -> None:
+        def save(epoch: int, step: int, acc: EpochAcc, finished: str | None = None) -> None:
             self._save_state(model, optimizer, policy, early, epoch=epoch, step=step, acc=acc,
                              bundle=bundle, finished=finished)  # fmt: skip
 
@@ -267,7 +216,7 @@ class Trainer:
             # 1. train one epoch (from where a resumed run stopped)
             first_step = start_step if epoch == start_epoch else 0
             if first_step == 0:
-                acc = _EpochAcc()
+                acc = EpochAcc()
             train_sampler.set_epoch(epoch, first_step * cfg.batch_size)
             self.emit(EpochStart(epoch=epoch + 1, epochs=cfg.epochs, lr=policy.lr))
             train_model.train()
@@ -282,7 +231,7 @@ class Trainer:
                     x = augment(x, torch.Generator().manual_seed(seed))
                 else:
                     x = eval_tf(x)
-                loss, gnorm = self._step(train_model, model, optimizer, scaler, x, y, amp_dtype)
+                loss, gnorm = sgd_step(train_model, model, optimizer, scaler, x, y, amp_dtype)
                 policy.batch_step()
                 if not math.isfinite(loss):
                     raise TrainingError(
@@ -332,7 +281,7 @@ class Trainer:
                 self.best.improved(record, model.net)
             else:
                 self.best.persist(self.run_dir, d.is_main)
-            save(epoch + 1, 0, _EpochAcc())
+            save(epoch + 1, 0, EpochAcc())
             self._write_plot(steps_per_epoch)
             self.emit(EpochEnd(**record, epochs=cfg.epochs, improved=improved,
                                early_stop=early.early_stop, next_lr=policy.lr))  # fmt: skip
@@ -345,33 +294,13 @@ class Trainer:
         if best.record is None or best.weights is None:
             raise TrainingError("no epoch finished: nothing to save")
         card = self._register(best.weights, best.record, bundle, stopped_early=early.early_stop)
-        save(epoch + 1, 0, _EpochAcc(), finished=card.version)
+        save(epoch + 1, 0, EpochAcc(), finished=card.version)
         d.barrier()
         self.emit(Finished(version=card.version, metrics=card.metrics,
                            stopped_early=early.early_stop))  # fmt: skip
         return TrainResult(card, self.history, int(best.record["epoch"]), early.early_stop)
 
     # ------------------------------------------------------------------ parts
-
-    @staticmethod
-    def _step(train_model: nn.Module, model: Classifier, optimizer: torch.optim.Optimizer,
-              scaler: torch.amp.GradScaler | None, x: torch.Tensor, y: torch.Tensor,
-              amp_dtype: torch.dtype | None) -> tuple[float, float]:  # fmt: skip
-        """One optimizer step; (loss, gradient norm)."""
-        with autocast(x.device, amp_dtype):
-            loss = F.cross_entropy(train_model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
-            scaler.unscale_(optimizer)
-            gnorm = nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()  # type: ignore[no-untyped-call]
-            gnorm = nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-            optimizer.step()
-        return float(loss.detach()), float(gnorm)
 
     def _placement(self) -> Placement:
         placement = resolve(self.cfg.device, self.cfg.precision)
@@ -410,23 +339,14 @@ class Trainer:
 
     def _save_state(self, model: Classifier, optimizer: torch.optim.Optimizer,
                     policy: LRPolicy, early: EarlyStopping, *, epoch: int, step: int,
-                    acc: _EpochAcc, bundle: DatasetBundle, finished: str | None = None) -> None:  # fmt: skip
+                    acc: EpochAcc, bundle: DatasetBundle, finished: str | None = None) -> None:  # fmt: skip
         """Everything needed to continue exactly (model/run_state.py). Every rank's RNG
         state is gathered; rank 0 writes."""
         rngs = self.dist.gather_rng_states()
         if not self.dist.is_main:
             return
-        tensors = {f"model.{k}": v for k, v in _to_cpu(model.net.state_dict()).items()}
+        tensors = training_tensors(model.net, optimizer, rngs)
         opt = optimizer.state_dict()
-        for idx, s in opt["state"].items():
-            if s.get("momentum_buffer") is not None:
-                tensors[f"optim.{idx}.momentum_buffer"] = (
-                    s["momentum_buffer"].detach().cpu().contiguous()
-                )
-        for r, t in enumerate(rngs):
-            tensors[f"rng.torch.{r}"] = t.cpu()
-        if torch.cuda.is_available() and model.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state()
         meta = {
             "config": self.cfg.model_dump(mode="json"), "epoch": epoch, "step": step,
             "acc": acc.__dict__, "param_groups": opt["param_groups"],
@@ -441,7 +361,7 @@ class Trainer:
 
     def _load_state(self, model: Classifier, optimizer: torch.optim.Optimizer,
                     policy: LRPolicy, early: EarlyStopping,
-                    bundle: DatasetBundle) -> tuple[int, int, _EpochAcc]:  # fmt: skip
+                    bundle: DatasetBundle) -> tuple[int, int, EpochAcc]:  # fmt: skip
         try:
             state, tensors = RunState.load(self.run_dir)
         except RunStateError as exc:
@@ -449,27 +369,10 @@ class Trainer:
         meta, path = state.meta, self.run_dir
         if meta["dataset"]["split"] != bundle.split or meta["dataset"]["labels"] != bundle.labels:
             raise TrainingError(f"{path}: the dataset changed since this run started")
-        weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-        check_state_dict(model.net, weights, source=str(path))
-        model.net.load_state_dict(weights)
-        params = list(model.parameters())
-        opt_state: dict[int, dict[str, torch.Tensor]] = {}
-        for k, v in tensors.items():
-            if k.startswith("optim."):
-                idx = int(k.split(".")[1])
-                # Same strides as the parameter: the fused SGD kernel walks param, grad and
-                # buffer as flat memory, so a contiguous buffer beside a channels_last
-                # weight would be applied to the wrong elements.
-                buf = torch.empty_like(params[idx]).copy_(v)
-                opt_state[idx] = {"momentum_buffer": buf}
-        optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+        restore_training(tensors, model.net, optimizer, meta["param_groups"],
+                         rank=self.dist.rank, source=str(path))  # fmt: skip
         policy.load_state_dict(meta["scheduler"])
         early.load_state_dict(meta["early_stopping"])
-        rng = tensors.get(f"rng.torch.{self.dist.rank}", tensors.get("rng.torch.0"))
-        if rng is not None:
-            torch.set_rng_state(rng)
-        if "rng.cuda" in tensors and model.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"])
         self.history, self.step_losses = meta["history"], meta["step_losses"]
         if state.finished:
             raise TrainingError(
@@ -477,10 +380,10 @@ class Trainer:
             )
         in_state = bool(meta.get("best_in_state"))
         if meta["best"] is not None:
-            weights_now = _to_cpu(model.net.state_dict()) if in_state else None
-            self.best = _Best(meta["best"], weights_now or read_best_weights(self.run_dir),
+            weights_now = to_cpu(model.net.state_dict()) if in_state else None
+            self.best = Best(meta["best"], weights_now or read_best_weights(self.run_dir),
                               in_state)  # fmt: skip
-        return state.epoch, state.step, _EpochAcc(**meta["acc"])
+        return state.epoch, state.step, EpochAcc(**meta["acc"])
 
     def _validate(self, model: Classifier,
                   loader: torch.utils.data.DataLoader[tuple[torch.Tensor, int]],
@@ -520,7 +423,3 @@ class Trainer:
         if card is None:
             raise CheckpointError("no version was written")
         return card
-
-
-def _to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}

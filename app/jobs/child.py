@@ -17,7 +17,7 @@ PARENT_PID_ENV: Final = "ALEXNET_JOB_PARENT_PID"
 
 
 def writer_tag(job_id: str) -> str:
-    """The tag a job's child gives its temp files (model/checkpoint.py: `set_writer_tag`),
+    """The tag a job's child gives its temp files (model/files.py: `set_writer_tag`),
     so the runner can remove a dead child's leftovers and nobody else's."""
     return f"job-{job_id}"
 

@@ -23,69 +23,23 @@ from pathlib import Path
 from typing import Any, Final
 
 from app.jobs.child import PARENT_PID_ENV, writer_tag
-from app.jobs.store import RESUMABLE, Job, JobStore
-from model.checkpoint import remove_partial_saves
-from model.run import (
-    EVENTS_FILE,
-    EXIT_INTERRUPTED,
-    LOG_FILE,
-    STATE_FILE,
-    EpochEnd,
-    EpochStart,
-    Event,
-    Failed,
-    Finished,
-    Start,
-    Step,
-    config_argv,
-    parse_event,
+from app.jobs.process import (
+    exit_text,
+    is_our_child,
+    log_reason,
+    signal_group,
+    signal_leader,
+    wait_gone,
 )
+from app.jobs.progress import EventTail, apply_event, log_event
+from app.jobs.store import RESUMABLE, Job, JobStore
+from model.files import remove_partial_saves
+from model.run import EVENTS_FILE, EXIT_INTERRUPTED, LOG_FILE, STATE_FILE, config_argv
 
 log = logging.getLogger(__name__)
 
 POLL_S: Final = 0.25
 KILL_AFTER_S: Final = 120.0  # a cancelled child that has not saved by then is killed
-
-
-def apply_event(job: Job, ev: Event) -> dict[str, Any]:
-    """The record fields that trainer event `ev` changes (also applied to `job`)."""
-    ch: dict[str, Any] = {}
-    if isinstance(ev, Start):
-        ch = {"epochs": ev.epochs, "steps": ev.steps_per_epoch}
-    elif isinstance(ev, EpochStart):
-        ch = {"epoch": ev.epoch, "epochs": ev.epochs, "step": 0}
-    elif isinstance(ev, Step):
-        ch = {"epoch": ev.epoch, "step": ev.step, "steps": ev.steps,
-              "images_per_s": ev.images_per_s, "eta_s": ev.eta_s}  # fmt: skip
-    elif isinstance(ev, EpochEnd):
-        record = ev.record()
-        history = [h for h in job.history if h.get("epoch") != ev.epoch] + [record]
-        ch = {"history": sorted(history, key=lambda h: h["epoch"]), "epoch": ev.epoch}
-    elif isinstance(ev, Finished):
-        ch = {"result_version": ev.version, "metrics": ev.metrics, "eta_s": 0.0}
-    elif isinstance(ev, Failed):
-        ch = {"error": ev.error}
-    for k, v in ch.items():
-        setattr(job, k, v)
-    return ch
-
-
-class EventTail:
-    """Reads complete JSON lines appended to a file since the last call."""
-
-    def __init__(self, path: Path, offset: int = 0) -> None:
-        self.path, self.offset = path, offset
-
-    def read(self) -> list[Event]:
-        try:
-            with self.path.open("rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        end = data.rfind(b"\n") + 1
-        self.offset += end
-        return [ev for ev in map(parse_event, data[:end].splitlines()) if ev is not None]
 
 
 def train_argv(job: Job, run_dir: Path) -> list[str]:
@@ -137,7 +91,7 @@ class JobRunner:
         proc, job = self._proc, self.current
         if proc is not None and job is not None and proc.returncode is None:
             log.info("stopping job %s: it saves its state and resumes on request", job.id)
-            _signal_leader(proc.pid, signal.SIGTERM)
+            signal_leader(proc.pid, signal.SIGTERM)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), self.stop_timeout_s)
             self._finish_interrupted(job, "the service stopped while this job ran")
@@ -150,11 +104,11 @@ class JobRunner:
         """At startup: jobs recorded as running belong to a previous process of the service.
         Stop any child still alive, read the events it left, mark the job."""
         for job in self.store.list(status="running", limit=1000):
-            if job.pid and _is_our_child(job.pid, self.run_dir(job.id)):
+            if job.pid and is_our_child(job.pid, self.run_dir(job.id)):
                 log.warning("job %s: stopping the child %d left by a previous run", job.id,
                             job.pid)  # fmt: skip
-                _signal_group(job.pid, signal.SIGTERM)
-                _wait_gone(job.pid, self.stop_timeout_s)
+                signal_group(job.pid, signal.SIGTERM)
+                wait_gone(job.pid, self.stop_timeout_s)
             self.cleanup(job)
             self._catch_up(job)
             if job.result_version:
@@ -195,7 +149,7 @@ class JobRunner:
         self.store.update(job_id, cancel_requested=True)
         proc = self._proc
         if self.current is not None and self.current.id == job_id and proc is not None:
-            _signal_leader(proc.pid, signal.SIGTERM)
+            signal_leader(proc.pid, signal.SIGTERM)
         return self.store.get(job_id)
 
     def requeue(self, job_id: str) -> bool:
@@ -272,7 +226,7 @@ class JobRunner:
                                  started_at=job.started_at or time.time(), error=None,
                                  attempts=job.attempts + 1, step=0):  # fmt: skip
             # Cancelled between being picked and starting.
-            _signal_group(proc.pid, signal.SIGTERM)
+            signal_group(proc.pid, signal.SIGTERM)
             await proc.wait()
             return
         log.info("job %s started (pid %d)", job.id, proc.pid)
@@ -283,7 +237,7 @@ class JobRunner:
             changes: dict[str, Any] = {}
             for ev in tail.read():
                 changes.update(apply_event(job, ev))
-                _log_event(job, ev)
+                log_event(job, ev)
             if changes:
                 self.store.update(job.id, **changes)
             if proc.returncode is not None:
@@ -293,10 +247,10 @@ class JobRunner:
                 now = time.monotonic()
                 if cancel_sent_at is None:
                     # (also when another process of the service took the DELETE)
-                    _signal_leader(proc.pid, signal.SIGTERM)
+                    signal_leader(proc.pid, signal.SIGTERM)
                     cancel_sent_at = now
                 elif now - cancel_sent_at > KILL_AFTER_S:
-                    _signal_group(proc.pid, signal.SIGKILL)
+                    signal_group(proc.pid, signal.SIGKILL)
         if self._stopping:
             return  # stop() records the job as interrupted
         await self._finished(job, proc.returncode, run_dir)
@@ -324,16 +278,16 @@ class JobRunner:
         elif rc == EXIT_INTERRUPTED:
             self._finish_interrupted(job, "the training process was stopped by a signal")
         else:
-            reason = job.error or _log_reason(run_dir / LOG_FILE)
+            reason = job.error or log_reason(run_dir / LOG_FILE)
             self.store.update(
                 job.id,
                 status="failed",
                 finished_at=now,
                 pid=None,
                 eta_s=None,
-                error=f"{_exit_text(rc)}: {reason}" if reason else _exit_text(rc),
+                error=f"{exit_text(rc)}: {reason}" if reason else exit_text(rc),
             )
-            log.warning("job %s failed (%s)", job.id, _exit_text(rc))
+            log.warning("job %s failed (%s)", job.id, exit_text(rc))
         await asyncio.to_thread(self.retain)  # unlinking ~650 MB: off the serving loop
 
     def retain(self) -> None:
@@ -345,75 +299,3 @@ class JobRunner:
                              keep_failed=self.keep_job_state)  # fmt: skip
         except OSError as exc:
             log.warning("job state retention: %s", exc)
-
-
-def _log_event(job: Job, ev: Event) -> None:
-    """A job's progress in the service log, in words: where it runs and each epoch."""
-    if isinstance(ev, Start):
-        d = ev.device
-        log.info("job %s: training %s on %s (%s train / %s val images) on %s %s%s",
-                 job.id, ev.config.get("arch"), ev.config.get("dataset"),
-                 ev.split.get("train"), ev.split.get("val"), d.get("device"),
-                 d.get("precision"),
-                 f", resumed at epoch {ev.resumed_from[0]}" if ev.resumed_from else "")  # fmt: skip
-    elif isinstance(ev, EpochEnd):
-        eta = f", about {job.eta_s:.0f} s left" if job.eta_s and ev.epoch < ev.epochs else ""
-        log.info("job %s: epoch %d/%d val_loss %.4f val_top1 %.1f%% (%.0f img/s)%s",
-                 job.id, ev.epoch, ev.epochs, ev.val_loss, 100 * ev.val_top1,
-                 ev.images_per_s, eta)  # fmt: skip
-
-
-def _exit_text(rc: int) -> str:
-    if rc < 0:
-        try:
-            name = signal.Signals(-rc).name
-        except ValueError:
-            name = f"signal {-rc}"
-        return f"the training process was killed by {name}"
-    return f"the training process exited with status {rc}"
-
-
-def _log_reason(path: Path, max_chars: int = 600) -> str:
-    """The last meaningful line(s) of a child's log."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("$ ")]
-    for ln in reversed(lines):
-        if ln.startswith(("error:", "alexnet train: error:")) or "Error" in ln:
-            return ln.strip()[:max_chars]
-    return lines[-1].strip()[:max_chars] if lines else ""
-
-
-def _signal_leader(pid: int, sig: int) -> None:
-    """Ask the child itself to stop (`alexnet train`, or the CLI in front of torchrun, which
-    forwards it to the ranks): it finishes its step, saves, then shuts its DataLoader
-    workers down. Signalling the whole group would hit those workers first."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, sig)
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-
-
-def _is_our_child(pid: int, run_dir: Path) -> bool:
-    """Whether `pid` is still a training child for `run_dir` (not a reused pid)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return str(run_dir).encode() in cmdline
-
-
-def _wait_gone(pid: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    _signal_group(pid, signal.SIGKILL)

@@ -1,31 +1,13 @@
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
-from app.settings import Settings
 from model.checkpoint import ModelCard
-from tests.conftest import make_version
-
-
-def wait_ready(client: TestClient, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if client.get("/readyz").status_code == 200:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not ready: {client.get('/readyz').json()}")
-
-
-def make_client(home: Path, **overrides: Any) -> TestClient:
-    settings = Settings(**{"home": home, "bootstrap": "none", **overrides})
-    return TestClient(create_app(settings))
+from tests.helpers.api import make_client, wait_ready
+from tests.helpers.versions import make_version
 
 
 @pytest.fixture(scope="module")

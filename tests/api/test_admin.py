@@ -13,16 +13,17 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.activation import should_activate
-from app.jobs.runner import apply_event, train_argv
+from app.jobs.progress import apply_event
+from app.jobs.runner import train_argv
 from app.jobs.store import JobStore
 from app.schemas import JobOut, JobRequest
 from app.settings import Settings
 from app.state import AppState
 from model.checkpoint import read_active, read_card, write_active
 from model.run import EpochEnd, Event, Finished, Start, Step, parse_event
-from tests.api.conftest import make_client, wait_ready
-from tests.api.test_classify import assert_error
-from tests.conftest import REPO, make_version
+from tests.helpers.api import assert_error, make_client, wait_ready
+from tests.helpers.cli import REPO
+from tests.helpers.versions import make_version
 
 TOKEN = "s3cret-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -11,20 +11,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from model.checkpoint import ModelCard
-from tests.api.conftest import make_client, wait_ready
-from tests.conftest import encode, make_version
+from tests.helpers.api import assert_error, make_client, wait_ready
+from tests.helpers.versions import encode, make_version
 
 
 def photo_bytes(path: Path) -> bytes:
     return path.read_bytes()
-
-
-def assert_error(r: object, status: int, code: str) -> dict[str, object]:
-    assert r.status_code == status, r.text  # type: ignore[attr-defined]
-    body = r.json()  # type: ignore[attr-defined]
-    assert set(body) == {"error"} and body["error"]["code"] == code, body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    return body["error"]  # type: ignore[no-any-return]
 
 
 def test_classify_a_photo(client: TestClient, card: ModelCard, jpeg_photos: list[Path]) -> None:

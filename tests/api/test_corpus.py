@@ -16,7 +16,7 @@ from PIL import Image
 
 from model.images import ImageError, decode_image, to_tensor
 from model.transforms import EvalTransform, Preprocessing
-from tests.conftest import encode
+from tests.helpers.versions import encode
 
 CORPUS = Path(__file__).resolve().parent.parent / "corpus" / "images"
 MANIFEST: dict[str, dict[str, object]] = json.loads((CORPUS / "manifest.json").read_text())

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.api.conftest import make_client, wait_ready
-from tests.api.test_classify import assert_error
-from tests.conftest import make_version
+from tests.helpers.api import assert_error, make_client, wait_ready
+from tests.helpers.versions import make_version
 
 TOKEN = "fine-tune-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

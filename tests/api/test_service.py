@@ -11,9 +11,8 @@ from PIL import Image
 
 from app.state import AppState
 from model.checkpoint import ModelCard
-from tests.api.conftest import make_client, wait_ready
-from tests.api.test_classify import assert_error
-from tests.conftest import make_version
+from tests.helpers.api import assert_error, make_client, wait_ready
+from tests.helpers.versions import make_version
 
 
 def test_models_list_and_active(client: TestClient, card: ModelCard) -> None:

@@ -14,9 +14,8 @@ from app.schemas import JobRequest
 from app.state import AppState
 from app.storage import retain_job_state, tree_bytes
 from model.checkpoint import write_active
-from tests.api.conftest import make_client, wait_ready
-from tests.api.test_classify import assert_error
-from tests.conftest import make_version
+from tests.helpers.api import assert_error, make_client, wait_ready
+from tests.helpers.versions import make_version
 
 TOKEN = "storage-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -8,7 +8,7 @@ import pytest
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    from tests.docker.test_container import TIMINGS
+    from tests.helpers.docker import TIMINGS
 
     if TIMINGS:
         terminalreporter.write_line("container timings (s) and sizes (MB): " + json.dumps(TIMINGS))

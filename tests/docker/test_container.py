@@ -26,8 +26,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO
-from tests.e2e.server import free_port
+from tests.helpers.cli import REPO
+from tests.helpers.docker import TIMINGS
+from tests.helpers.server import free_port
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -54,7 +55,6 @@ PROJECT = "alexnet-citest"
 IMAGE = "alexnet-service:citest"
 TOKEN = "container-admin-token"
 MIRROR = os.environ.get("ALEXNET_DEBIAN_MIRROR", "http://deb.debian.org/debian")
-TIMINGS: dict[str, float] = {}
 
 
 class Timer:

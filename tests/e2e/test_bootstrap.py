@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from model.checkpoint import read_active
-from tests.e2e.server import Server
+from tests.helpers.server import Server
 
 pytestmark = pytest.mark.e2e
 

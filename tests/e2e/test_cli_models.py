@@ -11,8 +11,9 @@ import torchvision
 from torchvision.io import decode_image as tv_decode
 from torchvision.models import AlexNet_Weights
 
-from tests.conftest import make_version, run_cli
-from tests.unit.test_transforms import torchvision_v2_preset
+from tests.helpers.cli import run_cli
+from tests.helpers.presets import torchvision_v2_preset
+from tests.helpers.versions import make_version
 
 pytestmark = pytest.mark.e2e
 

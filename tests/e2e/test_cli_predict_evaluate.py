@@ -17,7 +17,8 @@ from model import synthetic
 from model.checkpoint import ModelCard, save_version
 from model.network import build_model
 from model.transforms import Preprocessing
-from tests.conftest import make_version, run_cli
+from tests.helpers.cli import run_cli
+from tests.helpers.versions import make_version
 
 pytestmark = pytest.mark.e2e
 

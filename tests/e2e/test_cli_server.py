@@ -11,8 +11,9 @@ import httpx
 import pytest
 
 from app.presence import announce, withdraw
-from tests.conftest import make_version, run_cli
-from tests.e2e.server import Server
+from tests.helpers.cli import run_cli
+from tests.helpers.server import Server
+from tests.helpers.versions import make_version
 
 pytestmark = pytest.mark.e2e
 

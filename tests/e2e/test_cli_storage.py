@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from app.jobs.store import JobStore
 from app.presence import announce, update, withdraw
 from app.schemas import JobRequest
-from tests.conftest import make_version, run_cli
+from tests.helpers.cli import run_cli
+from tests.helpers.versions import make_version
 
 pytestmark = pytest.mark.e2e
 

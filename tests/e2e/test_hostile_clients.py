@@ -21,9 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.launch import proc_status_kb
-from tests.conftest import make_version
-from tests.e2e.server import Server
+from tests.helpers.server import Server, proc_status_kb
+from tests.helpers.versions import make_version
 
 pytestmark = pytest.mark.e2e
 

@@ -6,10 +6,8 @@ queueing. Killed children, restarts and hot swaps are in tests/faults."""
 
 from __future__ import annotations
 
-import json
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +15,22 @@ import httpx
 import pytest
 
 from model.checkpoint import read_active
-from tests.conftest import make_version
-from tests.e2e.server import Server
+from tests.helpers.jobs import (
+    LONG,
+    SMALL,
+    TOKEN,
+    api,
+    classify,
+    finished,
+    mid_epoch,
+    state_position,
+    training_pids,
+    wait_job,
+)
+from tests.helpers.server import Server
+from tests.helpers.versions import make_version
 
 pytestmark = pytest.mark.e2e
-
-TOKEN = "e2e-admin-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-# DataLoader workers as users run them: cancel and stop must not kill them before the
-# trainer has saved.
-SMALL = {"dataset": "synthetic:160", "image_size": 64, "batch_size": 16, "epochs": 2,
-         "dropout": 0.0, "workers": 2, "activate": "always"}  # fmt: skip
-# Long enough to be caught running (and cancelled, killed or interrupted) mid-epoch.
-LONG = {**SMALL, "dataset": "synthetic:4000", "epochs": 3}
 
 
 @pytest.fixture
@@ -37,59 +38,6 @@ def server(home: Path) -> Iterator[Server]:
     make_version(home / "models", activate=True, metrics={"val_top1": 0.1})
     with Server(home, ALEXNET_ADMIN_TOKEN=TOKEN, ALEXNET_JOB_THREADS="1") as srv:
         yield srv
-
-
-def api(srv: Server, method: str, path: str, **kw: Any) -> httpx.Response:
-    return httpx.request(method, srv.url + path, headers=AUTH, timeout=30, **kw)
-
-
-def wait_job(srv: Server, job_id: str, until: Callable[[dict[str, Any]], bool],
-             timeout_s: float = 180) -> dict[str, Any]:  # fmt: skip
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job: dict[str, Any] = api(srv, "GET", f"/admin/jobs/{job_id}").json()
-        if until(job):
-            return job
-        time.sleep(0.1)
-    log = api(srv, "GET", f"/admin/jobs/{job_id}/log").text[-3000:]
-    raise AssertionError(f"job {job_id} never got there: {job}\n{log}")
-
-
-def mid_epoch(job: dict[str, Any]) -> bool:
-    return bool(job["status"] == "running" and job["progress"]["step"] >= 1)
-
-
-def finished(job: dict[str, Any]) -> bool:
-    return job["status"] in ("succeeded", "failed", "cancelled", "interrupted")
-
-
-def training_pids(run_dir: Path) -> list[int]:
-    """Processes whose command line names this job's folder (the child, its workers)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if str(run_dir).encode() in cmd:
-            pids.append(int(entry.name))
-    return sorted(pids)
-
-
-def state_position(run_dir: Path) -> tuple[int, int]:
-    """(epoch, step) at which a run's resumable state was saved."""
-    from safetensors import safe_open
-
-    with safe_open(str(run_dir / "state.safetensors"), framework="pt") as f:
-        meta = json.loads(f.metadata()["state"])
-    return int(meta["epoch"]), int(meta["step"])
-
-
-def classify(srv: Server, photo: Path) -> httpx.Response:
-    return httpx.post(srv.url + "/v1/classify", files={"file": (photo.name, photo.read_bytes())},
-                      timeout=30)  # fmt: skip
 
 
 def test_job_runs_registers_and_activates(server: Server, jpeg_photos: list[Path]) -> None:

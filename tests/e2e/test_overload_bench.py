@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.launch import REPO
+from tests.helpers.cli import REPO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import make_version, run_cli
-from tests.e2e.server import Server
+from tests.helpers.cli import run_cli
+from tests.helpers.server import Server
+from tests.helpers.versions import make_version
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

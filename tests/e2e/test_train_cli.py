@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from model.checkpoint import list_cards, read_active
-from tests.conftest import REPO, make_version, run_cli
+from tests.helpers.cli import REPO, run_cli
+from tests.helpers.versions import make_version
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

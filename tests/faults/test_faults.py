@@ -31,9 +31,7 @@ import httpx
 import pytest
 
 from model.checkpoint import load_version, read_active
-from tests.conftest import make_version
-from tests.e2e.server import Server
-from tests.e2e.test_jobs import (
+from tests.helpers.jobs import (
     LONG,
     SMALL,
     TOKEN,
@@ -45,6 +43,8 @@ from tests.e2e.test_jobs import (
     training_pids,
     wait_job,
 )
+from tests.helpers.server import Server
+from tests.helpers.versions import make_version
 
 pytestmark = [pytest.mark.e2e, pytest.mark.fault]
 

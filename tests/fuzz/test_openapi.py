@@ -15,8 +15,8 @@ from schemathesis.checks import positive_data_acceptance
 
 from app.main import create_app
 from app.settings import Settings
-from tests.conftest import make_version
-from tests.e2e.server import Server
+from tests.helpers.server import Server
+from tests.helpers.versions import make_version
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 from torchvision.models import AlexNet_Weights
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from model.transforms import EvalTransform, Normalize, Preprocessing
+from tests.helpers.presets import torchvision_v2_preset
 
 
 def test_for_size_scales_torchvisions_recipe() -> None:
@@ -19,17 +19,6 @@ def test_bad_preprocessing_is_refused() -> None:
         Preprocessing(64, 73, resize="pad")
     with pytest.raises(ValueError, match="smaller"):
         Preprocessing(64, 32)
-
-
-def torchvision_v2_preset() -> v2.Compose:
-    """torchvision's own eval preset for the AlexNet weights, in its v2 transforms API."""
-    p = AlexNet_Weights.IMAGENET1K_V1.transforms()
-    return v2.Compose([
-        v2.Resize(p.resize_size, interpolation=p.interpolation, antialias=True),
-        v2.CenterCrop(p.crop_size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(p.mean, p.std),
-    ])  # fmt: skip
 
 
 def test_eval_transform_matches_torchvisions_own_on_the_same_pixels() -> None:

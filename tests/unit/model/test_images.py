@@ -23,7 +23,7 @@ from model.images import (
     decode_image,
     sniff_format,
 )
-from tests.conftest import encode
+from tests.helpers.versions import encode
 
 
 def px(img: Image.Image, xy: tuple[int, int] = (0, 0)) -> tuple[int, ...]:

@@ -13,10 +13,11 @@ import torch
 from safetensors.torch import save as st_save
 
 from model import checkpoint as C
+from model import files
 from model.checkpoint import CheckpointError, load_version, save_version
 from model.network import build_model
 from model.transforms import Preprocessing
-from tests.conftest import make_version
+from tests.helpers.versions import make_version
 
 
 def _rewrite_weights(vdir: Path, data: bytes, *, fix_sha: bool = True) -> None:
@@ -130,17 +131,17 @@ def test_crash_mid_save_leaves_the_previous_version_loadable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first = make_version(tmp_path, activate=True)
-    real_write = C.write_file_durably
+    real_write = files.write_file_durably
 
     def crash_after_half(path: Path, data: bytes) -> None:
         with open(path, "xb") as f:
             f.write(data[: len(data) // 2])
         raise KeyboardInterrupt  # the process dies here
 
-    monkeypatch.setattr(C, "write_file_durably", crash_after_half)
+    monkeypatch.setattr(files, "write_file_durably", crash_after_half)
     with pytest.raises(KeyboardInterrupt):
         make_version(tmp_path, seed=1)
-    monkeypatch.setattr(C, "write_file_durably", real_write)
+    monkeypatch.setattr(files, "write_file_durably", real_write)
     assert [c.version for c in C.list_cards(tmp_path)] == [first.version]
     assert C.read_active(tmp_path) == first.version
     load_version(tmp_path / first.version)
@@ -152,27 +153,28 @@ def test_a_hard_kill_mid_save_leaves_only_a_hidden_temp_folder(tmp_path: Path) -
     leftover.mkdir()
     (leftover / C.WEIGHTS_FILE).write_bytes(b"half a file")
     assert [c.version for c in C.list_cards(tmp_path)] == [first.version]
-    assert C.remove_partial_saves(tmp_path) == 1
+    assert files.remove_partial_saves(tmp_path) == 1
     assert not leftover.exists()
 
 
 def test_partial_saves_name_their_writer_and_cleanups_can_spare_live_ones(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("ALEXNET_WRITER_TAG", "job-abc")
-    name = C._tmp_name("v1")
+    monkeypatch.setattr(files, "_writer_tag", "")
+    files.set_writer_tag("job-abc")  # what `alexnet train --writer-tag job-abc` does
+    name = files.tmp_name("v1")
     assert name.startswith(".tmp-v1.job-abc.")
-    monkeypatch.delenv("ALEXNET_WRITER_TAG")
-    assert f".p{os.getpid()}." in C._tmp_name("v1")
-    dead, live = tmp_path / name, tmp_path / C._tmp_name("v2")
+    files.set_writer_tag("")
+    assert f".p{os.getpid()}." in files.tmp_name("v1")
+    dead, live = tmp_path / name, tmp_path / files.tmp_name("v2")
     dead.mkdir()
     live.mkdir()
-    assert C.remove_partial_saves(tmp_path, older_than_s=600) == 0  # both just written
-    assert C.remove_partial_saves(tmp_path, writer="job-abc") == 1
+    assert files.remove_partial_saves(tmp_path, older_than_s=600) == 0  # both just written
+    assert files.remove_partial_saves(tmp_path, writer="job-abc") == 1
     assert not dead.exists() and live.exists()
     old = time.time() - 3600
     os.utime(live, (old, old))
-    assert C.remove_partial_saves(tmp_path, older_than_s=600) == 1
+    assert files.remove_partial_saves(tmp_path, older_than_s=600) == 1
 
 
 def test_active_pointer_is_replaced_atomically(

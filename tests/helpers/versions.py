@@ -1,0 +1,50 @@
+"""Small model versions and encoded images, made by the tests themselves."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from model.checkpoint import ModelCard, save_version, write_active
+from model.network import build_model
+from model.transforms import Preprocessing
+
+
+def encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def make_version(
+    models_dir: Path,
+    *,
+    num_classes: int = 10,
+    image_size: int = 64,
+    seed: int = 0,
+    arch: str = "alexnet",
+    activate: bool = False,
+    sharpen: float = 20.0,
+    **kw: object,
+) -> ModelCard:
+    """A small randomly initialised version; fc8 scaled by `sharpen` so its softmax is
+    peaked like a trained model's (top-k ties would make comparisons meaningless)."""
+    torch.manual_seed(seed)
+    net = build_model(arch, num_classes=num_classes)
+    with torch.no_grad():
+        last = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.weight.mul_(sharpen)
+    card = save_version(
+        models_dir,
+        net,
+        arch=arch,
+        labels=[f"class_{i}" for i in range(num_classes)],
+        pre=Preprocessing.for_size(image_size),
+        **kw,  # type: ignore[arg-type]
+    )
+    if activate:
+        write_active(models_dir, card.version)
+    return card
