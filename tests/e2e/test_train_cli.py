@@ -77,11 +77,9 @@ def _events(path: Path) -> list[dict[str, object]]:
 
 
 def _state_meta(run_dir: Path) -> dict[str, object]:
-    from safetensors import safe_open
+    from model.run_state import RunState
 
-    with safe_open(str(run_dir / "state.safetensors"), framework="pt") as f:
-        meta: dict[str, object] = json.loads(f.metadata()["state"])
-    return meta
+    return RunState.read(run_dir).meta
 
 
 @pytest.mark.parametrize("target", ["process", "group"])
