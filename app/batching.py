@@ -25,6 +25,8 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
+from model.predictor import Row
+
 log = logging.getLogger(__name__)
 
 
@@ -53,7 +55,6 @@ class BatchFailed(BatcherError):
 
 
 M = TypeVar("M")  # the model handle items are prepared for
-Row = list[tuple[int, float]]  # (class index, probability), best first
 
 
 @dataclass

@@ -117,7 +117,9 @@ class AdminAuthMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or not (path == "/admin" or path.startswith("/admin/")):
+        if scope["type"] != "http" or not (
+            path == paths.ADMIN_PREFIX or path.startswith(paths.ADMIN_PREFIX + "/")
+        ):
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])

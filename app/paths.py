@@ -1,11 +1,13 @@
-"""The routes whose path something outside their router needs to know (the body limits,
-the in-flight upload budget), named once."""
+"""The route paths something outside their router needs to know (the body limits, the
+in-flight upload budget, admin authentication before the body), named once."""
 
 from __future__ import annotations
 
 from typing import Final
 
 API_PREFIX: Final = "/v1"
+ADMIN_PREFIX: Final = "/admin"
+MODELS: Final = API_PREFIX + "/models"
 CLASSIFY: Final = API_PREFIX + "/classify"
 CLASSIFY_BATCH: Final = API_PREFIX + "/classify/batch"
 UPLOADS: Final = frozenset({CLASSIFY, CLASSIFY_BATCH})

@@ -15,7 +15,7 @@ import torch
 
 from app import presence
 from app.activation import should_activate
-from app.batching import BatchStats, MicroBatcher, Row
+from app.batching import BatchStats, MicroBatcher
 from app.errors import ModelNotReady
 from app.intake import Decoder
 from app.jobs.runner import JobRunner
@@ -27,6 +27,7 @@ from app.settings import Settings
 from model.checkpoint import CheckpointError, read_card
 from model.device import Placement, resolve
 from model.images import DecodeLimits
+from model.predictor import Row
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class AppState:
         current = self.registry.current
         if current is None:
             detail = self.status_detail
-            if self.bootstrap_job_id and self.jobs is not None:
+            if self.bootstrap_job_id:
                 detail = self._bootstrap_detail(self.bootstrap_job_id)
             raise ModelNotReady(
                 f"no model is loaded yet ({self.status}{': ' + detail if detail else ''})",

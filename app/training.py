@@ -16,6 +16,7 @@ from typing import IO, Any
 
 from app.jobs.child import set_parent_death_signal
 from app.settings import Settings
+from model import run_state
 from model.config import TrainConfig
 from model.distributed import DistContext
 from model.fine_tune import fine_tune_text
@@ -174,7 +175,7 @@ def run_train(args: argparse.Namespace, argv: Sequence[str], s: Settings) -> int
         candidate = Path(args.resume)
         if candidate.is_file() and candidate.name == STATE_FILE:
             candidate = candidate.parent
-        if (candidate / STATE_FILE).is_file():
+        if run_state.exists(candidate):
             resume_run = candidate
         elif "base" in given:
             raise TrainCliError("--resume VERSION is --base VERSION: give one of them")
@@ -225,7 +226,7 @@ def run_train(args: argparse.Namespace, argv: Sequence[str], s: Settings) -> int
     )  # fmt: skip
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        # Finish the step, save, exit 75; a second Ctrl-C falls through to Python.
+        # Finish the step, save, exit EXIT_INTERRUPTED; a second Ctrl-C falls through.
         signal.signal(signal.SIGINT, signal.default_int_handler)
         trainer.request_stop()
 

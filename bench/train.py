@@ -33,6 +33,7 @@ from model import trainer as trainer_mod
 from model.config import TrainConfig
 from model.data import DatasetBundle, TensorImages
 from model.network import build_model
+from model.run import Event, Start, Step
 from model.synthetic import LABELS, render
 from model.transforms import Preprocessing
 
@@ -89,11 +90,11 @@ def ours(x: torch.Tensor, y: list[int], size: int, bs: int, steps: int) -> tuple
     times: list[float] = []
     info: dict[str, Any] = {}
 
-    def on_event(ev: dict[str, Any]) -> None:
-        if ev["type"] == "step":
+    def on_event(ev: Event) -> None:
+        if isinstance(ev, Step):
             times.append(time.perf_counter())
-        if ev["type"] == "start":
-            info.update(ev["device"])
+        if isinstance(ev, Start):
+            info.update(ev.device)
 
     trainer_mod.EVENT_INTERVAL_S = 0.0
     cfg = TrainConfig(dataset="synthetic", image_size=size, batch_size=bs, epochs=1, workers=0,

@@ -19,7 +19,6 @@ import time
 import types
 import typing
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -144,17 +143,10 @@ def parse_event(line: str | bytes) -> Event | None:
 
 
 def event_line(ev: Event) -> str:
-    """One line of an events file (json.dumps' spacing, as the file always had)."""
-    return json.dumps(ev.model_dump(mode="json")) + "\n"
-
-
-def read_events(path: Path) -> list[Event]:
-    """Every event of a finished run's events file."""
-    try:
-        lines = path.read_bytes().splitlines()
-    except FileNotFoundError:
-        return []
-    return [ev for ev in map(parse_event, lines) if ev is not None]
+    """One line of an events file: `type` and `time` first, then the fields, with
+    json.dumps' spacing (as the file always had)."""
+    fields = ev.model_dump(mode="json")
+    return json.dumps({"type": fields.pop("type"), "time": fields.pop("time"), **fields}) + "\n"
 
 
 # ----------------------------------------------------------------------------- command line

@@ -55,7 +55,7 @@ class RunState:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads(f.metadata()["state"])
         except Exception as exc:
-            raise RunStateError(f"{path}: not a readable resumable state ({exc})") from exc
+            raise RunStateError(f"{path}: not a resumable run state ({exc})") from exc
         return cls(run_dir, meta)
 
     @classmethod
@@ -67,7 +67,7 @@ class RunState:
                 meta = json.loads(f.metadata()["state"])
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         except Exception as exc:
-            raise RunStateError(f"{path}: not a readable resumable state ({exc})") from exc
+            raise RunStateError(f"{path}: unreadable resumable state ({exc})") from exc
         return cls(run_dir, meta), tensors
 
     @staticmethod

@@ -10,7 +10,7 @@ from typing import Any
 from app.jobs.store import Job
 from model.run import EpochEnd, EpochStart, Event, Failed, Finished, Start, Step, parse_event
 
-log = logging.getLogger("app.jobs.runner")  # (the service log's name for job lines)
+log = logging.getLogger("app.jobs")  # (the name job lines have always had)
 
 
 def apply_event(job: Job, ev: Event) -> dict[str, Any]:

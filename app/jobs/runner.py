@@ -33,10 +33,11 @@ from app.jobs.process import (
 )
 from app.jobs.progress import EventTail, apply_event, log_event
 from app.jobs.store import RESUMABLE, Job, JobStore
+from model import run_state
 from model.files import remove_partial_saves
-from model.run import EVENTS_FILE, EXIT_INTERRUPTED, LOG_FILE, STATE_FILE, config_argv
+from model.run import EVENTS_FILE, EXIT_INTERRUPTED, LOG_FILE, config_argv
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("app.jobs")  # (the name job lines have always had)
 
 POLL_S: Final = 0.25
 KILL_AFTER_S: Final = 120.0  # a cancelled child that has not saved by then is killed
@@ -154,7 +155,7 @@ class JobRunner:
 
     def requeue(self, job_id: str) -> bool:
         """Interrupted or cancelled -> queued, continuing from the saved state if any."""
-        has_state = (self.run_dir(job_id) / STATE_FILE).is_file()
+        has_state = run_state.exists(self.run_dir(job_id))
         done = self.store.update(job_id, expect=tuple(RESUMABLE), status="queued",
                                  resume=has_state, cancel_requested=False, error=None,
                                  finished_at=None, eta_s=None)  # fmt: skip

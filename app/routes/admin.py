@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import FileResponse, PlainTextResponse
 
+from app import paths
 from app.deps import AdminDep, StateDep
 from app.errors import (
     Conflict,
@@ -26,7 +27,7 @@ from model.data import DatasetError, resolve_dataset_dir, scan_imagefolder
 from model.run import LOG_FILE, PLOT_FILE
 
 router = APIRouter(
-    prefix="/admin", tags=["admin"], dependencies=[AdminDep],
+    prefix=paths.ADMIN_PREFIX, tags=["admin"], dependencies=[AdminDep],
     responses=responses(401, 503),
 )  # fmt: skip
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.datastructures import UploadFile
 
 from app import paths
-from app.batching import BatcherError, Row
+from app.batching import BatcherError
 from app.deps import StateDep
 from app.errors import (
     AppError,
@@ -34,6 +34,7 @@ from app.schemas import (
 from app.state import AppState
 from model.engine import default_top_k
 from model.images import ImageError
+from model.predictor import Row
 
 router = APIRouter(tags=["classify"])
 

@@ -6,12 +6,13 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from app import paths
 from app.deps import StateDep
 from app.errors import responses
 from app.schemas import ModelsResponse, VersionSummary
 from app.storage import tree_bytes
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix=paths.MODELS, tags=["models"])
 
 
 @router.get("", summary="Every version with its metrics", response_model=ModelsResponse)

@@ -14,7 +14,7 @@ from types import TracebackType
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent.parent
+from tests.helpers.cli import REPO
 
 
 def free_port() -> int:

@@ -128,8 +128,9 @@ def test_expired_requests_are_dropped_before_compute() -> None:
         await asyncio.sleep(0.05)
         fake.gate.set()
         await busy
-        with pytest.raises(Expired):
+        with pytest.raises(Expired) as info:
             await late
+        assert from_batcher_error(info.value).status == 504  # as the API answers it
         await b.stop()
         assert [n for _, n in fake.batches] == [1]  # the expired one never ran
 
@@ -256,8 +257,11 @@ def test_stop_drains_then_fails_what_is_left() -> None:
         fake.gate.set()
         results = await asyncio.gather(*futs[1:], return_exceptions=True)
         assert all(isinstance(r, Closed) for r in results)
-        with pytest.raises(Closed):
+        assert from_batcher_error(results[0]).status == 503  # type: ignore[arg-type]
+        with pytest.raises(Closed) as info:
             b.submit(img(9), "m", top_k=1, deadline=d)
+        err = from_batcher_error(info.value)  # as the API answers it
+        assert err.status == 503 and err.headers() == {"Retry-After": "5"}
 
     run(main())
 

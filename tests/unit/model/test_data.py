@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from model.data import DatasetError, ShardSampler, resolve_dataset_dir, split_indices
+from model.data import DatasetError, ShardSampler, load_dataset, resolve_dataset_dir, split_indices
 
 
 @pytest.mark.parametrize(("n", "val_split"), [(10, 0.2), (101, 0.3), (2, 0.5), (1000, 0.01)])
@@ -67,3 +67,12 @@ def test_a_symlink_out_of_the_data_dir_is_refused(tmp_path: Path) -> None:
         resolve_dataset_dir(data, "flowers")
     (data / "cats").mkdir()
     assert resolve_dataset_dir(data, "cats") == (data / "cats").resolve()
+
+
+def test_split_is_seeded_and_reproducible(tmp_path: Path) -> None:
+    a = load_dataset("synthetic:100", data_dir=tmp_path, image_size=64, val_split=0.2, seed=3)
+    b = load_dataset("synthetic:100", data_dir=tmp_path, image_size=64, val_split=0.2, seed=3)
+    c = load_dataset("synthetic:100", data_dir=tmp_path, image_size=64, val_split=0.2, seed=4)
+    assert a.val.indices == b.val.indices != c.val.indices
+    assert len(a.val) == 20 and not set(a.val.indices) & set(a.train.indices)
+    assert a.split == {"n": 100, "val_split": 0.2, "seed": 3, "train": 80, "val": 20}
