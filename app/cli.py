@@ -323,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from model.checkpoint import CheckpointError
     from model.data import DatasetError
     from model.device import DeviceError
-    from model.trainer import TrainingError
+    from model.run import TrainingError
 
     try:
         if args.command == "serve":

@@ -27,11 +27,12 @@ from model.run import (
     Event,
     Start,
     Step,
+    TrainingInterrupted,
     config_given,
     event_line,
 )
 from model.run_state import RunState, RunStateError
-from model.trainer import Trainer, TrainingInterrupted
+from model.trainer import Trainer
 
 # Options that may change when a run is resumed; the rest would change its meaning.
 _RESUMABLE_OVERRIDES = {"epochs", "device", "precision", "workers", "patience"}

@@ -8,6 +8,7 @@ size, cropping and flipping then happen per batch on the training device.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -321,3 +322,25 @@ class TrainAugment:
             crop = x[i, :, oy : oy + s, ox : ox + s]  # (3, s, s)
             crops.append(crop.flip(-1) if flip else crop)
         return torch.stack(crops)  # (B, 3, s, s)
+
+
+@dataclass
+class RunLoaders:
+    """What one process of a run reads: its training shard (reshuffled each epoch) and its
+    validation shard."""
+
+    train_sampler: ShardSampler
+    train: DataLoader[tuple[torch.Tensor, int]]
+    val: DataLoader[tuple[torch.Tensor, int]]
+    steps_per_epoch: int
+
+
+def run_loaders(bundle: DatasetBundle, *, batch_size: int, workers: int, pin_memory: bool,
+                seed: int, rank: int = 0, world: int = 1) -> RunLoaders:  # fmt: skip
+    train_sampler = ShardSampler(len(bundle.train), rank=rank, world=world, shuffle=True,
+                                 seed=seed)  # fmt: skip
+    val_sampler = ShardSampler(len(bundle.val), rank=rank, world=world, shuffle=False)
+    kw: dict[str, Any] = {"batch_size": batch_size, "workers": workers, "pin_memory": pin_memory}
+    return RunLoaders(train_sampler, make_loader(bundle.train, train_sampler, **kw),
+                      make_loader(bundle.val, val_sampler, **kw),
+                      math.ceil(len(train_sampler.indices()) / batch_size))  # fmt: skip

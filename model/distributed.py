@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from model.checkpoint import ModelCard
+from model.device import Placement
 from model.engine import EvalResult
 
 
@@ -28,6 +29,13 @@ class DistContext:
     @property
     def active(self) -> bool:
         return self.world > 1 and dist.is_available() and dist.is_initialized()
+
+    def place(self, placement: Placement) -> Placement:
+        """This rank's device: under torchrun with CUDA, the GPU of its local rank."""
+        if placement.device.type == "cuda" and self.world > 1:
+            torch.cuda.set_device(self.local_rank)
+            return Placement(torch.device("cuda", self.local_rank), placement.precision)
+        return placement
 
     def agree_to_stop(self, mine: bool) -> bool:
         """Every rank stops at the same step if any rank was asked to stop."""

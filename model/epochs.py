@@ -10,7 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.checkpoint import ModelCard
+from model.checkpoint import ModelCard, save_version, weights_bytes
+from model.config import TrainConfig
+from model.data import DatasetBundle
+from model.network import build_model
 from model.run_state import write_best_weights
 
 
@@ -70,3 +73,19 @@ def eta_s(ips: float, *, epoch: int, step: int, steps: int, epochs: int, batch: 
 
 def to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+
+def save_best(models_dir: Path, cfg: TrainConfig, bundle: DatasetBundle,
+              weights: dict[str, torch.Tensor], best: dict[str, Any], *, epochs_run: int,
+              stopped_early: bool, parent: str | None) -> ModelCard:  # fmt: skip
+    """The best epoch as a new model version, with its metrics and lineage."""
+    metrics = {"val_loss": best["val_loss"], "val_top1": best["val_top1"],
+               "val_top5": best["val_top5"], "train_loss": best["train_loss"],
+               "best_epoch": best["epoch"], "epochs_run": epochs_run,
+               "stopped_early": stopped_early}  # fmt: skip
+    net = build_model(cfg.arch, num_classes=len(bundle.labels), init=None)
+    net.load_state_dict(weights)
+    return save_version(models_dir, net, arch=cfg.arch, labels=bundle.labels, pre=bundle.pre,
+                        metrics=metrics, dataset=bundle.spec,
+                        train_config={**cfg.model_dump(mode="json"), "split": bundle.split},
+                        parent=parent, weights=weights_bytes(net))  # fmt: skip

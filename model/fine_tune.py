@@ -9,10 +9,11 @@ from typing import Any
 from torch import nn
 
 from model.checkpoint import CheckpointError, ModelCard, load_version, read_card
+from model.run import TrainingError
 from model.transforms import Preprocessing
 
 
-class BaseVersionError(RuntimeError):
+class BaseVersionError(TrainingError):
     """The base version cannot be fine-tuned from by this run."""
 
 

@@ -19,6 +19,7 @@ import time
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -39,6 +40,21 @@ EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1  # one line on stderr says why
 EXIT_USAGE: Final = 2
 EXIT_INTERRUPTED: Final = 75  # EX_TEMPFAIL: stopped with its state saved; resume later
+
+# ----------------------------------------------------------------------------- errors
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, bad resume state...)."""
+
+
+class TrainingInterrupted(Exception):
+    """A stop was requested; the resumable state has been written."""
+
+    def __init__(self, run_dir: Path, epoch: int, step: int) -> None:
+        super().__init__(f"interrupted at epoch {epoch + 1}, step {step}; state in {run_dir}")
+        self.run_dir, self.epoch, self.step = run_dir, epoch, step
+
 
 # ----------------------------------------------------------------------------- events
 

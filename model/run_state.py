@@ -24,11 +24,11 @@ from torch import nn
 from model.checkpoint import check_state_dict
 from model.config import TrainConfig
 from model.files import atomic_write_bytes
-from model.run import BEST_FILE, STATE_FILE
+from model.run import BEST_FILE, STATE_FILE, TrainingError
 from model.transforms import Preprocessing
 
 
-class RunStateError(RuntimeError):
+class RunStateError(TrainingError):
     """No readable resumable state where one was expected."""
 
 

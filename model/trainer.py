@@ -22,26 +22,22 @@ from torch import nn
 from model.checkpoint import (
     CheckpointError,
     ModelCard,
-    save_version,
-    weights_bytes,
 )
 from model.config import TrainConfig
 from model.data import (
     DatasetBundle,
-    ShardSampler,
     TrainAugment,
     batches,
     default_workers,
     load_dataset,
-    make_loader,
+    run_loaders,
 )
 from model.device import DTYPES, Placement, resolve
 from model.distributed import DistContext
-from model.engine import Classifier, EvalResult, evaluate, sgd_step
-from model.epochs import Best, EpochAcc, TrainResult, eta_s, to_cpu
+from model.engine import Classifier, evaluate, sgd_step
+from model.epochs import Best, EpochAcc, TrainResult, eta_s, save_best, to_cpu
 from model.files import RunFolderBusy, atomic_write_bytes, run_lock
 from model.fine_tune import (
-    BaseVersionError,
     base_card,
     base_preprocessing,
     fine_tune_text,
@@ -59,10 +55,11 @@ from model.run import (
     Interrupted,
     Start,
     Step,
+    TrainingError,
+    TrainingInterrupted,
 )
 from model.run_state import (
     RunState,
-    RunStateError,
     read_best_weights,
     restore_training,
     training_tensors,
@@ -75,18 +72,6 @@ log = logging.getLogger(__name__)
 EVENT_INTERVAL_S: Final = 0.5
 
 Callback = Callable[[Event], None]
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (non-finite loss, bad resume state...)."""
-
-
-class TrainingInterrupted(Exception):
-    """A stop was requested; the resumable state has been written."""
-
-    def __init__(self, run_dir: Path, epoch: int, step: int) -> None:
-        super().__init__(f"interrupted at epoch {epoch + 1}, step {step}; state in {run_dir}")
-        self.run_dir, self.epoch, self.step = run_dir, epoch, step
 
 
 class Trainer:
@@ -121,10 +106,7 @@ class Trainer:
     @staticmethod
     def read_config(run_dir: Path) -> TrainConfig:
         """The config a run was started with (for `--resume PATH`)."""
-        try:
-            return RunState.read(run_dir).config
-        except RunStateError as exc:
-            raise TrainingError(str(exc)) from exc
+        return RunState.read(run_dir).config
 
     # ------------------------------------------------------------------ the run
 
@@ -136,7 +118,8 @@ class Trainer:
             self.emit(Interrupted(epoch=exc.epoch + 1, step=exc.step, run_dir=str(exc.run_dir)))
             raise
         except Exception as exc:
-            self.emit(Failed(error=f"{type(exc).__name__}: {exc}"))
+            kind = "TrainingError" if isinstance(exc, TrainingError) else type(exc).__name__
+            self.emit(Failed(error=f"{kind}: {exc}"))
             raise
 
     @contextlib.contextmanager
@@ -152,12 +135,16 @@ class Trainer:
 
     def _fit(self, resume: bool) -> TrainResult:
         cfg = self.cfg
-        placement = self._placement()
+        placement = self.dist.place(resolve(cfg.device, cfg.precision))
         # A resumed run preprocesses as it started, without needing its base version any
         # more (states written before that was saved fall back to the base's).
-        saved = self._saved_state() if resume else None
+        saved = RunState.read(self.run_dir) if resume else None
         pre = saved.preprocessing if saved is not None else None
-        base = self._base(cfg.base) if cfg.base is not None and pre is None else None
+        base = (
+            base_card(self.models_dir, cfg.base, cfg.arch)
+            if cfg.base is not None and pre is None
+            else None
+        )
         if base is not None:
             pre = base_preprocessing(base, cfg.image_size)
         bundle = load_dataset(cfg.dataset, data_dir=self.data_dir, image_size=cfg.image_size,
@@ -180,19 +167,13 @@ class Trainer:
 
         amp_dtype = None if placement.precision == "fp32" else DTYPES[placement.precision]
         scaler = torch.amp.GradScaler("cuda") if placement.precision == "fp16" else None
-        workers = cfg.workers if cfg.workers is not None else default_workers()
-        pin = placement.device.type == "cuda"
         d = self.dist
-        train_sampler = ShardSampler(len(bundle.train), rank=d.rank, world=d.world,
-                                     shuffle=True, seed=cfg.seed)  # fmt: skip
-        val_sampler = ShardSampler(len(bundle.val), rank=d.rank, world=d.world, shuffle=False)
-        train_loader = make_loader(bundle.train, train_sampler, batch_size=cfg.batch_size,
-                                   workers=workers, pin_memory=pin)  # fmt: skip
-        val_loader = make_loader(bundle.val, val_sampler, batch_size=cfg.batch_size,
-                                 workers=workers, pin_memory=pin)  # fmt: skip
+        loaders = run_loaders(bundle, batch_size=cfg.batch_size, seed=cfg.seed, rank=d.rank,
+                              world=d.world, pin_memory=placement.device.type == "cuda",
+                              workers=cfg.workers if cfg.workers is not None else default_workers())  # fmt: skip
+        train_sampler, steps_per_epoch = loaders.train_sampler, loaders.steps_per_epoch
         augment = TrainAugment(bundle.pre) if cfg.use_augmentation else None
         eval_tf = EvalTransform(bundle.pre)
-        steps_per_epoch = math.ceil(len(train_sampler.indices()) / cfg.batch_size)
         policy.total_steps = max(1, steps_per_epoch * cfg.epochs)
         self.emit(Start(config=cfg.model_dump(mode="json"), labels=bundle.labels,
                         split=bundle.split, skipped=bundle.skipped, device=placement.describe(),
@@ -222,7 +203,7 @@ class Trainer:
             train_model.train()
             last_emit = 0.0
             t_epoch = time.perf_counter()
-            for step, (x, y) in enumerate(batches(train_loader), start=first_step):
+            for step, (x, y) in enumerate(batches(loaders.train), start=first_step):
                 t0 = time.perf_counter()
                 x = x.to(placement.device, non_blocking=True)
                 y = y.to(placement.device, non_blocking=True)
@@ -262,7 +243,9 @@ class Trainer:
 
             # 2. validate
             t_val = time.perf_counter()
-            val = self._validate(model, val_loader, eval_tf, placement, amp_dtype)
+            val = d.sum_eval(evaluate(model, ((eval_tf(x.to(placement.device, non_blocking=True)), y)
+                                         for x, y in batches(loaders.val)), autocast_dtype=amp_dtype),
+                             placement.device)  # fmt: skip
             val_seconds = time.perf_counter() - t_val
             log.info("validated rank %d epoch %d: loss %.6f top1 %.6f top5 %.6f n %d",
                      d.rank, epoch + 1, val.loss, val.top1, val.top5, val.count)  # fmt: skip
@@ -293,7 +276,14 @@ class Trainer:
         best = self.best
         if best.record is None or best.weights is None:
             raise TrainingError("no epoch finished: nothing to save")
-        card = self._register(best.weights, best.record, bundle, stopped_early=early.early_stop)
+        card = None
+        if d.is_main:
+            card = save_best(self.models_dir, cfg, bundle, best.weights, best.record,
+                             epochs_run=len(self.history), stopped_early=early.early_stop,
+                             parent=self.parent)  # fmt: skip
+        card = d.broadcast_card(card)
+        if card is None:
+            raise CheckpointError("no version was written")
         save(epoch + 1, 0, EpochAcc(), finished=card.version)
         d.barrier()
         self.emit(Finished(version=card.version, metrics=card.metrics,
@@ -302,25 +292,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ parts
 
-    def _placement(self) -> Placement:
-        placement = resolve(self.cfg.device, self.cfg.precision)
-        if placement.device.type == "cuda" and self.dist.world > 1:
-            torch.cuda.set_device(self.dist.local_rank)
-            placement = Placement(torch.device("cuda", self.dist.local_rank), placement.precision)
-        return placement
-
-    def _base(self, version: str) -> ModelCard:
-        try:
-            return base_card(self.models_dir, version, self.cfg.arch)
-        except BaseVersionError as exc:
-            raise TrainingError(str(exc)) from exc
-
-    def _saved_state(self) -> RunState:
-        try:
-            return RunState.read(self.run_dir)
-        except RunStateError as exc:
-            raise TrainingError(str(exc)) from exc
-
     def _build(self, bundle: DatasetBundle, placement: Placement,
                base: ModelCard | None) -> tuple[Classifier, dict[str, Any] | None]:  # fmt: skip
         """The network; with `base`, its weights that fit (a resumed run's come from its
@@ -328,12 +299,7 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
         net = build_model(self.cfg.arch, num_classes=len(bundle.labels), init=self.cfg.init,
                           dropout=self.cfg.dropout)  # fmt: skip
-        info = None
-        if base is not None:
-            try:
-                info = load_base_weights(net, self.models_dir, base)
-            except BaseVersionError as exc:
-                raise TrainingError(str(exc)) from exc
+        info = None if base is None else load_base_weights(net, self.models_dir, base)
         net = net.to(placement.device).to(memory_format=torch.channels_last)
         return Classifier(net, bundle.pre, channels_last=True).to(placement.device), info
 
@@ -362,10 +328,7 @@ class Trainer:
     def _load_state(self, model: Classifier, optimizer: torch.optim.Optimizer,
                     policy: LRPolicy, early: EarlyStopping,
                     bundle: DatasetBundle) -> tuple[int, int, EpochAcc]:  # fmt: skip
-        try:
-            state, tensors = RunState.load(self.run_dir)
-        except RunStateError as exc:
-            raise TrainingError(str(exc)) from exc
+        state, tensors = RunState.load(self.run_dir)
         meta, path = state.meta, self.run_dir
         if meta["dataset"]["split"] != bundle.split or meta["dataset"]["labels"] != bundle.labels:
             raise TrainingError(f"{path}: the dataset changed since this run started")
@@ -385,17 +348,6 @@ class Trainer:
                               in_state)  # fmt: skip
         return state.epoch, state.step, EpochAcc(**meta["acc"])
 
-    def _validate(self, model: Classifier,
-                  loader: torch.utils.data.DataLoader[tuple[torch.Tensor, int]],
-                  eval_tf: EvalTransform, placement: Placement,
-                  amp_dtype: torch.dtype | None) -> EvalResult:  # fmt: skip
-        def prepared() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            for x, y in batches(loader):
-                yield eval_tf(x.to(placement.device, non_blocking=True)), y
-
-        local = evaluate(model, prepared(), autocast_dtype=amp_dtype)
-        return self.dist.sum_eval(local, placement.device)
-
     def _write_plot(self, steps_per_epoch: int) -> None:
         if not self.dist.is_main:
             return
@@ -403,23 +355,3 @@ class Trainer:
                             [h["val_loss"] for h in self.history],
                             title=f"{self.cfg.arch} on {self.cfg.dataset}")  # fmt: skip
         atomic_write_bytes(self.run_dir / PLOT_FILE, png)
-
-    def _register(self, best_weights: dict[str, torch.Tensor], best: dict[str, Any],
-                  bundle: DatasetBundle, *, stopped_early: bool) -> ModelCard:  # fmt: skip
-        metrics = {"val_loss": best["val_loss"], "val_top1": best["val_top1"],
-                   "val_top5": best["val_top5"], "train_loss": best["train_loss"],
-                   "best_epoch": best["epoch"], "epochs_run": len(self.history),
-                   "stopped_early": stopped_early}  # fmt: skip
-        card: ModelCard | None = None
-        if self.dist.is_main:
-            net = build_model(self.cfg.arch, num_classes=len(bundle.labels), init=None)
-            net.load_state_dict(best_weights)
-            card = save_version(self.models_dir, net, arch=self.cfg.arch, labels=bundle.labels,
-                                pre=bundle.pre, metrics=metrics, dataset=bundle.spec,
-                                train_config={**self.cfg.model_dump(mode="json"),
-                                              "split": bundle.split},
-                                parent=self.parent, weights=weights_bytes(net))  # fmt: skip
-        card = self.dist.broadcast_card(card)
-        if card is None:
-            raise CheckpointError("no version was written")
-        return card

@@ -12,8 +12,8 @@ from safetensors import safe_open
 from model import trainer as T
 from model.config import TrainConfig
 from model.data import TrainAugment
-from model.run import PLOT_FILE, Event
-from model.trainer import Trainer, TrainingError, TrainingInterrupted
+from model.run import PLOT_FILE, Event, TrainingError, TrainingInterrupted
+from model.trainer import Trainer
 
 TINY = {"dataset": "synthetic:120", "image_size": 64, "batch_size": 16, "epochs": 2,
         "precision": "fp32", "device": "cpu", "workers": 0}  # fmt: skip
