@@ -104,22 +104,34 @@ class EventsFile:
         self.f.flush()
 
 
-def launch_torchrun(argv: Sequence[str], nproc: int, run_dir: Path) -> int:
-    """Re-run this command under torchrun with `nproc` processes on this node."""
+def torchrun_argv(argv: Sequence[str], run_dir: Path, base: str | None = None) -> list[str]:
+    """The ranks' `alexnet train` options: this command's, without --nproc-per-node, with
+    the run folder, and with the base version as this process resolved it (`--base
+    active`, or the older `--resume VERSION`, resolved once: ACTIVE may change meanwhile,
+    and every rank must start from the same weights)."""
+    drop = {"--nproc-per-node"} | ({"--base", "--resume"} if base is not None else set())
     rest: list[str] = []
     skip = False
     for a in argv:
         if skip:
             skip = False
             continue
-        if a == "--nproc-per-node":
+        if a in drop:
             skip = True
             continue
-        if a.startswith("--nproc-per-node="):
+        if any(a.startswith(d + "=") for d in drop):
             continue
         rest.append(a)
     if "--run-dir" not in rest and not any(a.startswith("--run-dir=") for a in rest):
         rest += ["--run-dir", str(run_dir)]
+    if base is not None:
+        rest += ["--base", base]
+    return rest
+
+
+def launch_torchrun(argv: Sequence[str], nproc: int, run_dir: Path, base: str | None = None) -> int:
+    """Re-run this command under torchrun with `nproc` processes on this node."""
+    rest = torchrun_argv(argv, run_dir, base)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "app.cli", *rest]  # fmt: skip
     proc = subprocess.Popen(cmd)
@@ -210,7 +222,8 @@ def run_train(args: argparse.Namespace, argv: Sequence[str], s: Settings) -> int
         raise TrainCliError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
     if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
         run_dir.mkdir(parents=True, exist_ok=True)
-        return launch_torchrun(argv, args.nproc_per_node, run_dir)
+        resolved = given.get("base") if resume_run is None else None
+        return launch_torchrun(argv, args.nproc_per_node, run_dir, resolved)
 
     dist_ctx = _dist_context()
     callbacks: list[Any] = [ProgressPrinter()]

@@ -1,0 +1,33 @@
+"""app/training.py: what the torchrun ranks are started with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.training import torchrun_argv
+
+
+def test_the_ranks_get_the_options_without_nproc_and_with_the_run_folder() -> None:
+    argv = ["train", "--dataset", "synthetic", "--nproc-per-node", "2", "--epochs", "3"]
+    assert torchrun_argv(argv, Path("/r")) == ["train", "--dataset", "synthetic", "--epochs",
+                                              "3", "--run-dir", "/r"]  # fmt: skip
+    assert torchrun_argv(["train", "--nproc-per-node=2", "--run-dir=/x"], Path("/r")) == [
+        "train", "--run-dir=/x"]  # fmt: skip
+
+
+@pytest.mark.parametrize("given", [["--base", "active"], ["--base=active"], ["--resume", "active"]])
+def test_the_base_is_resolved_once_for_every_rank(given: list[str]) -> None:
+    """`active` may change while the ranks start: they all get the version this process
+    resolved."""
+    argv = ["train", "--dataset", "synthetic", *given, "--nproc-per-node", "2"]
+    out = torchrun_argv(argv, Path("/r"), base="20261201-000000-ab12")
+    assert "active" not in out and "--resume" not in out
+    assert out[-2:] == ["--base", "20261201-000000-ab12"] and out.count("--base") == 1
+
+
+def test_a_resumed_run_keeps_its_resume() -> None:
+    argv = ["train", "--resume", "/runs/a", "--nproc-per-node", "2"]
+    assert torchrun_argv(argv, Path("/runs/a")) == ["train", "--resume", "/runs/a", "--run-dir",
+                                                    "/runs/a"]  # fmt: skip
