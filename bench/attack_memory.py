@@ -145,27 +145,26 @@ class Attacks:
         self.port, self.photo, self.big_jpeg = port, photo, big_jpeg
         self.wait_s = header_timeout_s + 15  # long enough for any deadline to answer
 
-    def header_flood(self) -> Counter[str]:
-        """100 connections, each a header line of up to 10 MiB that never ends."""
+    def _each(self, n: int, first: bytes, chunk: bytes = b"", total: int = 0,
+              wait_s: float | None = None) -> Counter[str]:  # fmt: skip
+        """`n` connections at once, each sending `first` (then `chunk` up to `total` bytes,
+        or until the server stops reading) and reporting the first status it gets."""
 
         def one(_: int) -> str:
             with connect(self.port) as s:
-                send_until_answered(s, b"GET /healthz HTTP/1.1\r\nX-A: ", b"a" * 65536, 10 << 20)
-                return status_of(s, self.wait_s)
+                send_until_answered(s, first, chunk, total)
+                return status_of(s, self.wait_s if wait_s is None else wait_s)
 
-        return in_threads(100, one)
+        return in_threads(n, one)
+
+    def header_flood(self) -> Counter[str]:
+        """100 connections, each a header line of up to 10 MiB that never ends."""
+        return self._each(100, b"GET /healthz HTTP/1.1\r\nX-A: ", b"a" * 65536, 10 << 20)
 
     def many_header_lines(self) -> Counter[str]:
         """100 connections with 100 header lines of 1 KB each."""
         lines = b"".join(b"X-%d: %s\r\n" % (i, b"b" * 1000) for i in range(100))
-
-        def one(_: int) -> str:
-            with connect(self.port) as s:
-                send_until_answered(s, b"GET /healthz HTTP/1.1\r\nHost: b\r\n" + lines + b"\r\n",
-                                    b"", 0)  # fmt: skip
-                return status_of(s, self.wait_s)
-
-        return in_threads(100, one)
+        return self._each(100, b"GET /healthz HTTP/1.1\r\nHost: b\r\n" + lines + b"\r\n")
 
     def held_heads(self) -> Counter[str]:
         """300 connections each holding 60 KiB of a head it never finishes, until the
@@ -182,13 +181,7 @@ class Attacks:
         """20 connections sending a chunked body of 20 MiB of chunk-extension bytes."""
         head = (f"POST /v1/classify HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\n"
                 f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n1;").encode()  # fmt: skip
-
-        def one(_: int) -> str:
-            with connect(self.port) as s:
-                send_until_answered(s, head, b"e" * 65536, 20 << 20)
-                return status_of(s, self.wait_s)
-
-        return in_threads(20, one)
+        return self._each(20, head, b"e" * 65536, 20 << 20)
 
     def pipelined_unread(self) -> Counter[str]:
         """10 connections writing 400 pipelined uploads each, reading nothing for 3 s."""
@@ -209,36 +202,18 @@ class Attacks:
         """20 batches, each with a 20 MiB file part (the limit is 10 MiB)."""
         body = post("/v1/classify/batch",
                     multipart([("files", "a.jpg", self.photo), ("files", "big.jpg", b"\xff" * (20 << 20))]))  # fmt: skip
-
-        def one(_: int) -> str:
-            with connect(self.port) as s:
-                send_until_answered(s, body, b"", 0)
-                return status_of(s, self.wait_s)
-
-        return in_threads(20, one)
+        return self._each(20, body)
 
     def thousand_files(self) -> Counter[str]:
         """20 batches of 1,000 files."""
         body = post("/v1/classify/batch",
                     multipart([("files", f"{i}.jpg", self.photo[:200]) for i in range(1000)]))  # fmt: skip
-
-        def one(_: int) -> str:
-            with connect(self.port) as s:
-                send_until_answered(s, body, b"", 0)
-                return status_of(s, self.wait_s)
-
-        return in_threads(20, one)
+        return self._each(20, body)
 
     def large_uploads(self) -> Counter[str]:
         """40 uploads at once of a real 8-9 MiB JPEG (under the per-file limit)."""
         body = post("/v1/classify", multipart([("file", "big.jpg", self.big_jpeg)]))
-
-        def one(_: int) -> str:
-            with connect(self.port) as s:
-                send_until_answered(s, body, b"", 0)
-                return status_of(s, 120)
-
-        return in_threads(40, one)
+        return self._each(40, body, wait_s=120)
 
     def batch_burst(self) -> Counter[str]:
         """Ordinary traffic at its largest: 16 clients each sending 4 full batches (32)."""

@@ -157,35 +157,19 @@ def test_cancelled_requests_are_skipped() -> None:
     run(main())
 
 
-def test_a_batch_with_a_row_missing_fails_that_batch_and_the_worker_lives_on() -> None:
+@pytest.mark.parametrize("failure", ["fail", "short"])  # raises; answers a row too few
+def test_a_failed_batch_fails_only_that_batch_and_the_worker_lives_on(failure: str) -> None:
     async def main() -> None:
         fake = FakeModel()
         b: MicroBatcher[str] = MicroBatcher(fake, max_batch_size=8, max_batch_wait_ms=0)
         b.start()
         d = asyncio.get_running_loop().time() + 5
-        fake.short = True
+        setattr(fake, failure, True)
         futs = [b.submit(img(i), "m", top_k=1, deadline=d) for i in range(3)]
         results = await asyncio.gather(*futs, return_exceptions=True)
         assert all(isinstance(r, BatchFailed) for r in results)
         assert from_batcher_error(results[0]).status == 500  # type: ignore[arg-type]
-        fake.short = False
-        assert await b.submit(img(5), "m", top_k=1, deadline=d) == [(5, 1.0)]
-        await b.stop()
-
-    run(main())
-
-
-def test_a_model_error_fails_only_that_batch_and_the_worker_lives_on() -> None:
-    async def main() -> None:
-        fake = FakeModel()
-        b: MicroBatcher[str] = MicroBatcher(fake, max_batch_size=8, max_batch_wait_ms=0)
-        b.start()
-        d = asyncio.get_running_loop().time() + 5
-        fake.fail = True
-        futs = [b.submit(img(i), "m", top_k=1, deadline=d) for i in range(3)]
-        results = await asyncio.gather(*futs, return_exceptions=True)
-        assert all(isinstance(r, BatchFailed) for r in results)
-        fake.fail = False
+        setattr(fake, failure, False)
         assert await b.submit(img(5), "m", top_k=1, deadline=d) == [(5, 1.0)]
         await b.stop()
 
