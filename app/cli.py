@@ -1,4 +1,5 @@
-"""The `alexnet` command: serve, train, evaluate, predict, models, gc, import-torchvision.
+"""The `alexnet` command: serve, train, evaluate, predict, models, datasets, gc,
+import-torchvision.
 
 Exit status: 0 success, 1 a runtime error (one line on stderr), 2 bad usage,
 75 training interrupted with its resumable state saved (resume with --resume RUN_DIR).
@@ -87,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also delete versions older than the newest N that nothing uses")  # fmt: skip
     p.add_argument("--json", action="store_true")
 
+    from app.cli_datasets import add_parser as add_datasets
+
+    add_datasets(sub)
+
     p = sub.add_parser("import-torchvision", help="import torchvision's ImageNet weights")
     p.add_argument("--weights-file", type=Path, help="a local alexnet-owt-7be5be79.pth")
     p.add_argument("--activate", action="store_true", help="make the new version active")
@@ -138,7 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             write_timeout_s=s.write_timeout_s,
             max_header_bytes=s.max_header_bytes,
             max_header_connections=s.max_header_connections,
-            body_limit_for=body_limits(s.max_upload_bytes, s.max_files),
+            body_limit_for=body_limits(s.max_upload_bytes, s.max_files, s.max_dataset_bytes),
         ),
     )
     return 0
@@ -300,6 +305,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return run_evaluate(args, _settings())
 
 
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from app.cli_datasets import DatasetCliError, run_datasets
+
+    try:
+        return run_datasets(args, _settings())
+    except DatasetCliError as exc:
+        raise CliError(str(exc)) from exc
+
+
 def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from app.training import TrainCliError, run_train
 
@@ -338,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_models(args)
         if args.command == "gc":
             return cmd_gc(args)
+        if args.command == "datasets":
+            return cmd_datasets(args)
         return cmd_import_torchvision(args)
     except (CliError, CheckpointError, DatasetError, DeviceError, TrainingError) as exc:
         print(f"alexnet: error: {exc}", file=sys.stderr)

@@ -14,7 +14,7 @@ MAX_TEXT_CLASSES: Final = 20
 WORST_SHOWN: Final = 10
 
 _SPLIT_TEXT: Final = {
-    "holdout": "holdout: the dataset's test split",
+    "holdout": "holdout: the dataset's frozen holdout, never trained on",
     "val": "val: the validation split",
     "all": "all: train + val",
 }
@@ -36,6 +36,7 @@ def run_evaluate(args: argparse.Namespace, settings: Any) -> int:
         placement=placement,
         batch_size=args.batch_size,
         channels_last=settings.channels_last,
+        holdout_share=settings.holdout_split,
     )
     if args.json:
         print(json.dumps({**report.as_json(), **placement.describe()}, indent=2))

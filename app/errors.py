@@ -125,6 +125,14 @@ class ValidationFailed(AppError):
     status, code = 422, "validation_error"
 
 
+class InsufficientStorage(AppError):
+    status, code = 507, "insufficient_storage"
+
+
+class InvalidArchive(AppError):
+    status, code = 400, "invalid_archive"
+
+
 class HeaderTooLarge(AppError):
     status, code = 431, "request_header_too_large"
 

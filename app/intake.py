@@ -28,17 +28,21 @@ MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers on top of the file
 JSON_BODY_LIMIT = 1024 * 1024  # admin request bodies
 
 
-def body_limits(max_upload_bytes: int, max_files: int) -> Callable[[str], int]:
+def body_limits(max_upload_bytes: int, max_files: int,
+                max_dataset_bytes: int = 0) -> Callable[[str], int]:  # fmt: skip
     """The body limit of each path (the one function the ASGI middleware and the protocol's
     framing count share)."""
     single = max_upload_bytes + MULTIPART_OVERHEAD
     batch = max_upload_bytes * max_files + MULTIPART_OVERHEAD
+    dataset = max_dataset_bytes + MULTIPART_OVERHEAD
 
     def limit_for(path: str) -> int:
         if path == paths.CLASSIFY:
             return single
         if path == paths.CLASSIFY_BATCH:
             return batch
+        if max_dataset_bytes and paths.is_dataset_upload(path):
+            return dataset
         return JSON_BODY_LIMIT
 
     return limit_for

@@ -31,7 +31,7 @@ from app.middleware import (
 )
 from app.presence import HEARTBEAT_S, announce, withdraw
 from app.presence import update as update_presence
-from app.routes import admin, classify, health, models
+from app.routes import admin, classify, datasets, health, models
 from app.settings import Settings
 from app.state import AppState, build_state
 
@@ -101,6 +101,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
         state = build_state(settings)
         app.state.alexnet = state
+        # Imports a killed server left half-done (never a live one's: they hold a lock).
+        await asyncio.to_thread(state.datasets.clean_stale)
         state.batcher.start()
         if settings.run_jobs:
             state.runner.start()
@@ -136,7 +138,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "classify", "description": "Upload images, get top-k classes"},
             {"name": "models", "description": "Model versions and the served one"},
             {"name": "health", "description": "Liveness, readiness, metrics"},
-            {"name": "admin", "description": "Training jobs and activation (bearer token)"},
+            {
+                "name": "admin",
+                "description": "Training jobs, datasets, evaluation and activation (bearer token)",
+            },
         ],
     )
     install_handlers(app)
@@ -144,6 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(admin.router)
+    app.include_router(datasets.router)
     install_docs(app)
 
     page = resources.files("app").joinpath("static/index.html").read_text()
@@ -153,9 +159,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def index() -> HTMLResponse:
         return HTMLResponse(page, headers={"Content-Security-Policy": csp})
 
-    limit_for = body_limits(settings.max_upload_bytes, settings.max_files)
+    limit_for = body_limits(settings.max_upload_bytes, settings.max_files,
+                            settings.max_dataset_bytes)  # fmt: skip
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for,
                        body_timeout_s=settings.body_timeout_s,
+                       dataset_body_timeout_s=settings.dataset_upload_timeout_s,
                        max_in_flight_bytes=settings.max_upload_bytes_in_flight)  # fmt: skip
     # Outside the body limit and everything that reads a body: an unauthenticated /admin
     # request is 401 whatever it sends (and its connection is closed unread).

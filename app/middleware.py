@@ -253,8 +253,11 @@ class BodyLimitMiddleware:
 
     def __init__(self, app: ASGIApp, limit_for: Callable[[str], int],
                  body_timeout_s: float = 60.0, max_in_flight_bytes: int = 0,
-                 upload_paths: frozenset[str] = paths.UPLOADS) -> None:  # fmt: skip
+                 upload_paths: frozenset[str] = paths.UPLOADS,
+                 dataset_body_timeout_s: float | None = None) -> None:  # fmt: skip
         self.app, self.limit_for, self.body_timeout_s = app, limit_for, body_timeout_s
+        # A dataset archive (hundreds of MB) gets longer than an image to arrive.
+        self.dataset_body_timeout_s = dataset_body_timeout_s or body_timeout_s
         self.max_in_flight_bytes, self.upload_paths = max_in_flight_bytes, upload_paths
         self.in_flight_bytes = 0
 
@@ -283,6 +286,8 @@ class BodyLimitMiddleware:
         received = 0
         body_done = False
         deadline: float | None = None  # the whole body within body_timeout_s
+        timeout_s = (self.dataset_body_timeout_s if paths.is_dataset_upload(scope["path"])
+                     else self.body_timeout_s)  # fmt: skip
 
         async def limited_receive() -> Message:
             nonlocal received, body_done, deadline
@@ -290,12 +295,12 @@ class BodyLimitMiddleware:
                 return await receive()
             loop = asyncio.get_running_loop()
             if deadline is None:
-                deadline = loop.time() + self.body_timeout_s
+                deadline = loop.time() + timeout_s
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except TimeoutError:
                 raise RequestBodyTimeout(
-                    f"the request body did not arrive within {self.body_timeout_s:g} s"
+                    f"the request body did not arrive within {timeout_s:g} s"
                 ) from None
             if message["type"] == "http.request":
                 n = len(message.get("body", b""))

@@ -11,3 +11,9 @@ MODELS: Final = API_PREFIX + "/models"
 CLASSIFY: Final = API_PREFIX + "/classify"
 CLASSIFY_BATCH: Final = API_PREFIX + "/classify/batch"
 UPLOADS: Final = frozenset({CLASSIFY, CLASSIFY_BATCH})
+DATASETS: Final = ADMIN_PREFIX + "/datasets"
+
+
+def is_dataset_upload(path: str) -> bool:
+    """POST /admin/datasets/{name}: an archive, with its own body limit and deadline."""
+    return path.startswith(DATASETS + "/") and "/" not in path[len(DATASETS) + 1 :]

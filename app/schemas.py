@@ -110,8 +110,10 @@ class JobRequest(TrainConfig):
 
     activate: Activate = Field(
         "if_better",
-        description="if_better: activate when val top-1 beats the active version on the same "
-        "labels (or nothing is active); always; never",
+        description="if_better: activate when, on the same frozen holdout of this job's "
+        "dataset, its top-1 beats the served version's (same labels) by more than chance "
+        "(McNemar's exact test, ALEXNET_PROMOTION_ALPHA), or when nothing is served; "
+        "always; never",
     )
     nproc_per_node: int = Field(1, ge=1, le=64, description="processes (GPUs); torchrun if > 1")
 
@@ -153,7 +155,16 @@ class JobOut(BaseModel):
     result_version: str | None
     metrics: dict[str, Any] | None
     activated: bool
-    activation: str | None = Field(description="why the result was or was not activated")
+    activation: str | None = Field(
+        description="why the result was or was not activated, in words (with if_better: "
+        "both holdout accuracies, the holdout size and the p-value)"
+    )
+    promotion: dict[str, Any] | None = Field(
+        None,
+        description="if_better's judgement: policy, decision, holdout_size, dataset, "
+        "candidate and served {version, top1}, only_candidate_right, only_served_right, "
+        "p_value, alpha, precision, note",
+    )
     error: str | None
     attempts: int = Field(description="how many times a process ran it (resumes count)")
     state_purged: bool = Field(
@@ -170,6 +181,7 @@ class JobOut(BaseModel):
         "history": [{"epoch": 1, "train_loss": 2.21, "val_loss": 1.91, "val_top1": 0.21,
                      "val_top5": 0.83, "lr": 0.01}],
         "result_version": None, "metrics": None, "activated": False, "activation": None,
+        "promotion": None,
         "error": None, "attempts": 1, "state_purged": False}]}}  # fmt: skip
 
     @classmethod

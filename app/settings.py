@@ -65,6 +65,17 @@ class Settings(BaseSettings):
     # admitted when nothing else is in flight, however large its body may be.
     max_upload_bytes_in_flight: int = Field(256 * 1024 * 1024, ge=0)
 
+    # Datasets (POST /admin/datasets/{name}, `alexnet datasets import`): the archive, and
+    # everything unpacked from it, at most this many bytes; at most this many members; each
+    # image within max_upload_bytes. The frozen holdout: this share of each class.
+    max_dataset_bytes: int = Field(2 * 1024**3, ge=1024)
+    max_dataset_files: int = Field(50_000, ge=1, le=10_000_000)
+    dataset_upload_timeout_s: float = Field(1800.0, gt=0, le=86_400)
+    holdout_split: float = Field(0.15, gt=0, le=0.5)
+    # if_better: a candidate replaces the served version only when it is better on the
+    # holdout by more than chance (McNemar's exact test at this level).
+    promotion_alpha: float = Field(0.05, gt=0, le=1)
+
     admin_token: SecretStr | None = None
     # Training jobs: one at a time, niced, with capped threads so serving keeps its share.
     job_threads: int = Field(0, ge=0, le=1024)  # 0: all cores but one (at least one)

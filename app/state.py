@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from app import presence
-from app.activation import should_activate
+from app.activation import decide, judge
 from app.batching import BatchStats, MicroBatcher
+from app.datasets import dataset_store
 from app.errors import ModelNotReady
 from app.intake import Decoder
 from app.jobs.runner import JobRunner
@@ -25,6 +26,8 @@ from app.metrics import Metrics
 from app.registry import LoadedModel, Registry, prepare
 from app.settings import Settings
 from model.checkpoint import CheckpointError, read_card
+from model.data import DatasetError
+from model.datasets import DatasetStore
 from model.device import Placement, resolve
 from model.images import DecodeLimits
 from model.predictor import Row
@@ -42,6 +45,7 @@ class AppState:
     decoder: Decoder
     jobs: JobStore
     runner: JobRunner
+    datasets: DatasetStore
     started_at: float = field(default_factory=time.time)
     status: str = "starting"  # starting | loading | bootstrapping | ready | no_model
     status_detail: str = ""
@@ -121,14 +125,33 @@ class AppState:
         return loaded, previous
 
     async def on_job_success(self, job: Job) -> None:
-        """A job registered a version: activate it as its `activate` policy says."""
+        """A job registered a version: activate it as its `activate` policy says (if_better:
+        judged against the served version on the same holdout, app/activation.py)."""
         assert job.result_version
         card = read_card(self.registry.stored_version_dir(job.result_version))
         current = self.registry.current
-        yes, why = should_activate(job.activate, card, current.card if current else None)
-        if yes:
+        result, holdout, failure = None, None, None
+        if (
+            job.activate == "if_better"
+            and current is not None
+            and current.card.labels == card.labels
+        ):
+            s = self.settings
+            try:
+                result, holdout = await asyncio.to_thread(
+                    judge, card, current.card, models_dir=self.registry.models_dir,
+                    data_dir=s.data_dir, placement=current.placement,
+                    holdout_share=s.holdout_split, channels_last=s.channels_last)  # fmt: skip
+            except (DatasetError, CheckpointError) as exc:
+                failure = str(exc)
+                log.warning("job %s: cannot judge %s on a holdout: %s", job.id, card.version, exc)
+        d = decide(job.activate, card, current.card if current else None, result=result,
+                   alpha=self.settings.promotion_alpha, holdout=holdout)  # fmt: skip
+        reason = f"{d.reason}: {failure}" if failure else d.reason
+        if d.activate:
             await self.activate(card.version)
-        self.jobs.update(job.id, activated=yes, activation=why)
+        self.jobs.update(job.id, activated=d.activate, activation=reason,
+                         promotion=d.promotion or None)  # fmt: skip
 
     async def load_initial(self) -> bool:
         """Serve ACTIVE, or the newest other good version if ACTIVE is broken."""
@@ -193,6 +216,7 @@ def build_state(settings: Settings) -> AppState:
         stop_timeout_s=settings.shutdown_timeout_s, keep_job_state=settings.keep_job_state,
     )  # fmt: skip
     state = AppState(settings, registry, metrics, placement, batcher, decoder, jobs, runner,
+                     dataset_store(settings),
                      trimmer=MemoryTrimmer(settings.memory_trim_s, metrics.memory_returned.inc))  # fmt: skip
     runner.on_success = state.on_job_success
     return state

@@ -236,7 +236,7 @@ def run_train(args: argparse.Namespace, argv: Sequence[str], s: Settings) -> int
 
     trainer = Trainer(
         cfg, data_dir=s.data_dir, models_dir=s.models_dir, run_dir=run_dir,
-        callback=callback, dist_ctx=dist_ctx,
+        callback=callback, dist_ctx=dist_ctx, holdout_share=s.holdout_split,
     )  # fmt: skip
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -61,6 +61,8 @@ class ModelCard(BaseModel):
     std: tuple[float, float, float]
     metrics: dict[str, Any] = Field(default_factory=dict)
     dataset: str | None = None
+    # The content hash of the data it was trained on (an imagefolder's manifest hash).
+    dataset_hash: str | None = None
     train_config: dict[str, Any] | None = None
     parent: str | None = None
     source: str = "training"
@@ -111,6 +113,7 @@ class ModelCard(BaseModel):
             "num_classes": self.num_classes,
             "image_size": self.image_size,
             "dataset": self.dataset,
+            "dataset_hash": self.dataset_hash,
             "source": self.source,
             "parent": self.parent,
             "created_at": self.created_at,
@@ -156,6 +159,7 @@ def save_version(
     pre: Preprocessing,
     metrics: dict[str, Any] | None = None,
     dataset: str | None = None,
+    dataset_hash: str | None = None,
     train_config: dict[str, Any] | None = None,
     parent: str | None = None,
     source: str = "training",
@@ -186,6 +190,7 @@ def save_version(
         std=pre.std,
         metrics=metrics or {},
         dataset=dataset,
+        dataset_hash=dataset_hash,
         train_config=train_config,
         parent=parent,
         source=source,

@@ -76,6 +76,18 @@ class TrainConfig(BaseModel):
         examples=[None, "20261127-031500-ab12"],
     )
 
+    freeze: Literal["none", "features", "all-but-head"] = Field(
+        "none",
+        description="with a base: none (train every layer), features (the conv layers stay as "
+        "the base has them) or all-but-head (only the last layer learns: a linear probe, "
+        "seconds on a CPU)",
+    )
+    base_lr_scale: float = Field(
+        1.0, gt=0, le=1,
+        description="with a base: the learning rate of the layers kept from it (and not "
+        "frozen) is lr times this (e.g. 0.1); a re-initialised last layer learns at lr",
+    )  # fmt: skip
+
     @field_validator("dataset")
     @classmethod
     def _dataset_by_name(cls, v: str) -> str:
@@ -85,6 +97,15 @@ class TrainConfig(BaseModel):
                 "imagefolder:NAME (NAME: letters, digits, '.', '_', '-'; no paths)"
             )
         return v
+
+    @model_validator(mode="after")
+    def _fine_tune_options_need_a_base(self) -> TrainConfig:
+        if self.base is None and (self.freeze != "none" or self.base_lr_scale != 1.0):
+            raise ValueError(
+                "freeze and base_lr_scale apply to a fine-tune: give base (a version, or "
+                "active) as well"
+            )
+        return self
 
     @model_validator(mode="after")
     def _patience_longer_than_scheduler(self) -> TrainConfig:

@@ -7,6 +7,7 @@ size, cropping and flipping then happen per batch on the training device.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -22,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from model import synthetic
-from model.images import DecodeLimits, ImageError, decode_image, to_tensor
+from model.images import decode_image, to_tensor
 from model.transforms import EvalTransform, Preprocessing
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,9 @@ class DatasetBundle:
     test: Dataset[tuple[torch.Tensor, int]] | None = None
     split: dict[str, Any] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # unreadable files, reported
+    # What the data was: an imagefolder's content hash (its manifest's), else a hash of
+    # what determines the images (synthetic: size and seed; cifar10: its arrays).
+    hash: str | None = None
 
 
 def split_indices(n: int, val_split: float, seed: int) -> tuple[list[int], list[int]]:
@@ -106,39 +110,6 @@ def resolve_dataset_dir(data_dir: Path, name: str) -> Path:
     return path
 
 
-def scan_imagefolder(path: Path) -> tuple[list[str], list[tuple[Path, int]], list[str]]:
-    """(labels, files, skipped): class folders sorted by name; files whose header does not
-    decode are skipped and reported."""
-    if not path.is_dir():
-        raise DatasetError(f"imagefolder {path} does not exist: create one folder per class in it")
-    root = path.resolve()
-    classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if len(classes) < 2:
-        raise DatasetError(
-            f"imagefolder {path} has {len(classes)} class folder(s); at least 2 are needed"
-        )
-    files: list[tuple[Path, int]] = []
-    skipped: list[str] = []
-    for label, cls in enumerate(classes):
-        for f in sorted((path / cls).rglob("*")):
-            if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            if not f.resolve().is_relative_to(root):
-                skipped.append(f"{f}: links outside the dataset")
-                continue
-            try:
-                decode_image(f.read_bytes(), limits=DecodeLimits(), min_side=64)
-            except (ImageError, OSError) as exc:
-                skipped.append(f"{f}: {exc}")
-                continue
-            files.append((f, label))
-    if not files:
-        raise DatasetError(f"imagefolder {path} has no readable images")
-    for s in skipped:
-        log.warning("skipping unreadable image %s", s)
-    return classes, files, skipped
-
-
 def load_cifar10(root: Path, train: bool) -> TensorImages:
     from torchvision.datasets import CIFAR10
 
@@ -161,6 +132,7 @@ def load_dataset(
     val_split: float,
     seed: int,
     pre: Preprocessing | None = None,
+    holdout_share: float = 0.15,
 ) -> DatasetBundle:
     """Resolve a dataset by name and split it. `pre` (a checkpoint's preprocessing, for
     evaluation) overrides the dataset's own. Validation uses the eval transform only."""
@@ -173,7 +145,8 @@ def load_dataset(
             n, pre.resize_size, seed
         )
         labels = list(synthetic.LABELS)
-        # A disjoint held-out set for `alexnet evaluate`: another seed stream.
+        digest = _hash(f"synthetic:{n}:{pre.resize_size}:{seed}".encode())
+        # A disjoint held-out set (evaluation, promotion): another seed stream.
         test: Dataset[tuple[torch.Tensor, int]] | None = synthetic.SyntheticShapes(
             max(n // 5, 10), pre.resize_size, seed + 1_000_003
         )
@@ -181,15 +154,15 @@ def load_dataset(
     elif spec == "cifar10":
         root = data_dir / "cifar10"
         pre = pre or Preprocessing.for_size(image_size, mean=CIFAR10_MEAN, std=CIFAR10_STD)
-        full = load_cifar10(root, train=True)
-        test = load_cifar10(root, train=False)
+        cifar = load_cifar10(root, train=True)
+        full, test = cifar, load_cifar10(root, train=False)
         labels, skipped = list(CIFAR10_LABELS), []
+        digest = _hash(cifar.images.numpy().tobytes(), cifar.targets.numpy().tobytes())
     elif spec.startswith("imagefolder:"):
         path = resolve_dataset_dir(data_dir, spec.split(":", 1)[1])
         pre = pre or Preprocessing.for_size(image_size)
-        labels, files, skipped = scan_imagefolder(path)
-        full = ImageFiles(files, pre.resize_size)
-        test = None
+        return imagefolder_bundle(spec, path, pre, val_split=val_split, seed=seed,
+                                  holdout_share=holdout_share)  # fmt: skip
     else:
         raise DatasetError(
             f"unknown dataset {spec!r}: expected cifar10, synthetic or imagefolder:NAME"
@@ -206,6 +179,59 @@ def load_dataset(
         split={"n": n, "val_split": val_split, "seed": seed, "train": len(train_idx),
                "val": len(val_idx)},
         skipped=skipped,
+        hash=digest,
+    )  # fmt: skip
+
+
+def _hash(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()
+
+
+def imagefolder_bundle(spec: str, path: Path, pre: Preprocessing, *, val_split: float,
+                       seed: int, holdout_share: float) -> DatasetBundle:  # fmt: skip
+    """An imagefolder through its manifest (written now for a folder made by hand): the
+    frozen holdout is never in train or val; a pre-split dataset keeps its train/ and val/,
+    the rest is split by (val_split, seed)."""
+    from model.datasets import ensure_manifest
+
+    if not path.is_dir():
+        raise DatasetError(
+            f"imagefolder {path} does not exist: import an archive of class folders "
+            f"(POST /admin/datasets/{path.name}, or alexnet datasets import), or create one "
+            "folder per class in it"
+        )
+    man = ensure_manifest(path, holdout_share=holdout_share)
+    missing = [p for p, _ in man.files("trainval", "train", "val", "holdout")
+               if not (path / p).is_file()]  # fmt: skip
+    if missing:
+        raise DatasetError(
+            f"imagefolder {path}: {len(missing)} image(s) its manifest lists are gone "
+            f"({', '.join(missing[:3])}...): re-import the dataset"
+        )
+
+    def files(*splits: str) -> list[tuple[Path, int]]:
+        return [(path / p, label) for p, label in man.files(*splits)]
+
+    if man.layout == "pre_split" and man.files("val"):
+        train_files, val_files = files("train"), files("val")
+    else:
+        pool = files("trainval", "train")
+        t_idx, v_idx = split_indices(len(pool), val_split, seed)
+        train_files, val_files = [pool[i] for i in t_idx], [pool[i] for i in v_idx]
+    holdout = files("holdout")
+    full = ImageFiles(train_files + val_files, pre.resize_size)
+    n_train = len(train_files)
+    return DatasetBundle(
+        spec=spec, labels=list(man.classes), pre=pre,
+        train=Subset(full, range(n_train)), val=Subset(full, range(n_train, len(full))),
+        test=ImageFiles(holdout, pre.resize_size) if holdout else None,
+        split={"n": len(full), "val_split": val_split, "seed": seed, "train": n_train,
+               "val": len(val_files), "holdout": len(holdout), "layout": man.layout,
+               "dataset_hash": man.hash},
+        skipped=[f"{s['path']}: {s['reason']}" for s in man.skipped], hash=man.hash,
     )  # fmt: skip
 
 

@@ -125,6 +125,9 @@ class EvalResult:
     # (C, C) int64 counts, rows = true label, columns = top-1 prediction; only when asked
     # for (`evaluate(confusion=True)`) and not part of `as_tensor()` (never all-reduced).
     confusion: torch.Tensor | None = None
+    # Per image, in order: whether its top-1 was right (only with `evaluate(per_item=True)`;
+    # the paired promotion test compares two versions image by image).
+    correct: list[bool] | None = None
 
     @property
     def loss(self) -> float:
@@ -168,12 +171,13 @@ def evaluate(
     *,
     autocast_dtype: torch.dtype | None = None,
     confusion: bool = False,
+    per_item: bool = False,
 ) -> EvalResult:
     """Cross-entropy loss, top-1 and top-5 over `batches` of (inputs, labels). Inputs
     must already be what the model takes (see `EvalTransform`). `confusion`: also count
     the confusion matrix (`EvalResult.confusion`) from the same top-1 predictions."""
     model.eval()
-    res = EvalResult()
+    res = EvalResult(correct=[] if per_item else None)
     with torch.inference_mode():
         for inputs, labels in batches:
             logits = forward_logits(model, inputs, autocast_dtype=autocast_dtype)
@@ -187,6 +191,8 @@ def evaluate(
             res.count += labels.numel()
             if confusion:
                 res.add_confusion(labels, top[:, 0], logits.shape[1])
+            if res.correct is not None:
+                res.correct += hits[:, 0].tolist()
     return res
 
 

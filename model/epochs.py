@@ -86,6 +86,6 @@ def save_best(models_dir: Path, cfg: TrainConfig, bundle: DatasetBundle,
     net = build_model(cfg.arch, num_classes=len(bundle.labels), init=None)
     net.load_state_dict(weights)
     return save_version(models_dir, net, arch=cfg.arch, labels=bundle.labels, pre=bundle.pre,
-                        metrics=metrics, dataset=bundle.spec,
+                        metrics=metrics, dataset=bundle.spec, dataset_hash=bundle.hash,
                         train_config={**cfg.model_dump(mode="json"), "split": bundle.split},
                         parent=parent, weights=weights_bytes(net))  # fmt: skip

@@ -77,13 +77,14 @@ def default_split(bundle: DatasetBundle) -> Split:
 
 
 def split_images(bundle: DatasetBundle, split: Split) -> Dataset[tuple[torch.Tensor, int]]:
-    """`holdout`: the test split (never trained on nor used for model selection); `val`:
+    """`holdout`: the frozen holdout (cifar10's test split, synthetic's disjoint seed, an
+    imagefolder's manifest): never trained on nor used for model selection; `val`:
     the validation split of `bundle`; `all`: train + val."""
     if split == "holdout":
         if bundle.test is None:
             raise DatasetError(
-                f"{bundle.spec} has no holdout split (only cifar10 and synthetic have a test "
-                "set): use --split val (the validation images) or --split all"
+                f"{bundle.spec} has no holdout images (its classes are too small to keep any "
+                "out): use --split val (the validation images) or --split all"
             )
         return bundle.test
     if split == "val":
@@ -101,6 +102,8 @@ def evaluate_version(
     placement: Placement,
     batch_size: int = 128,
     channels_last: bool = False,
+    per_item: bool = False,
+    holdout_share: float = 0.15,
 ) -> EvalReport:
     """Evaluate `net` (the version `card`) on `split` of dataset `spec` (None: its default).
 
@@ -116,6 +119,7 @@ def evaluate_version(
         val_split=cfg.get("val_split", 0.2) if same else 0.2,
         seed=cfg.get("seed", 0) if same else 0,
         pre=card.preprocessing,
+        holdout_share=holdout_share,
     )
     if bundle.labels != card.labels:
         raise DatasetError(
@@ -127,7 +131,7 @@ def evaluate_version(
     predictor = Predictor(net, card, placement, channels_last=channels_last)
     loader = make_loader(ds, ShardSampler(len(ds), shuffle=False),  # type: ignore[arg-type]
                          batch_size=batch_size, workers=0, pin_memory=False)  # fmt: skip
-    res = predictor.evaluate(loader, confusion=True)
+    res = predictor.evaluate(loader, confusion=True, per_item=per_item)
     return EvalReport(
         version=card.version,
         dataset=spec,

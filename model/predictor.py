@@ -72,8 +72,9 @@ class Predictor:
     # ------------------------------------------------------------ labelled data -> metrics
 
     def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
-                 confusion: bool = False) -> EvalResult:  # fmt: skip
-        """Loss, top-1, top-5 (and the confusion matrix) over (uint8 images, labels)."""
+                 confusion: bool = False, per_item: bool = False) -> EvalResult:  # fmt: skip
+        """Loss, top-1, top-5 (and the confusion matrix, and each image's top-1 hit) over
+        (uint8 images, labels)."""
         device = self.placement.device
         return evaluate(self.model, ((self.inputs(x.to(device)), y) for x, y in batches),
-                        confusion=confusion)  # fmt: skip
+                        confusion=confusion, per_item=per_item)  # fmt: skip

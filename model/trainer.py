@@ -32,6 +32,7 @@ from model.data import (
     load_dataset,
     run_loaders,
 )
+from model.datasets import DEFAULT_HOLDOUT_SPLIT
 from model.device import DTYPES, Placement, resolve
 from model.distributed import DistContext
 from model.engine import Classifier, evaluate, sgd_step
@@ -41,7 +42,9 @@ from model.fine_tune import (
     base_card,
     base_preprocessing,
     fine_tune_text,
+    head_names,
     load_base_weights,
+    param_groups,
 )
 from model.network import build_model
 from model.plots import loss_plot_png
@@ -83,8 +86,11 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, *, data_dir: Path, models_dir: Path, run_dir: Path,
-                 callback: Callback | None = None, dist_ctx: DistContext | None = None) -> None:  # fmt: skip
+                 callback: Callback | None = None, dist_ctx: DistContext | None = None,
+                 holdout_share: float = DEFAULT_HOLDOUT_SPLIT) -> None:  # fmt: skip
         self.cfg, self.data_dir, self.models_dir, self.run_dir = cfg, data_dir, models_dir, run_dir
+        # An imagefolder made by hand has its holdout drawn at first use: this share of it.
+        self.holdout_share = holdout_share
         self.callback = callback
         self.dist = dist_ctx or DistContext()
         # Lineage: the version whose weights this run started from; None from scratch.
@@ -93,6 +99,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.step_losses: list[float] = []
         self.best = Best()
+        self.base_info: dict[str, Any] | None = None  # what was taken from the base
 
     def request_stop(self) -> None:
         """Finish the current step, save the resumable state, raise TrainingInterrupted.
@@ -148,14 +155,23 @@ class Trainer:
         if base is not None:
             pre = base_preprocessing(base, cfg.image_size)
         bundle = load_dataset(cfg.dataset, data_dir=self.data_dir, image_size=cfg.image_size,
-                              val_split=cfg.val_split, seed=cfg.seed, pre=pre)  # fmt: skip
+                              val_split=cfg.val_split, seed=cfg.seed, pre=pre,
+                              holdout_share=self.holdout_share)  # fmt: skip
         model, base_info = self._build(bundle, placement, base if saved is None else None)
+        if base_info is not None:
+            self.base_info = base_info
+        elif saved is not None:
+            self.base_info = saved.meta.get("base")
         train_model: nn.Module = model
         if self.dist.world > 1:
             ids = [placement.device.index] if placement.device.type == "cuda" else None
             train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # Frozen layers are left out; kept ones may learn slower (model/fine_tune.py).
+        groups = param_groups(model.net, lr=cfg.lr, freeze=cfg.freeze,
+                              base_lr_scale=cfg.base_lr_scale,
+                              reinitialised=self._reinitialised(model.net, base_info, saved))  # fmt: skip
         # fused: one kernel for all 57M parameters, 5x faster than foreach on CPU
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay, fused=True)  # fmt: skip
         policy = LRPolicy(optimizer, cfg.scheduler)
         early = EarlyStopping(cfg.patience, cfg.min_delta)
@@ -299,9 +315,23 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
         net = build_model(self.cfg.arch, num_classes=len(bundle.labels), init=self.cfg.init,
                           dropout=self.cfg.dropout)  # fmt: skip
-        info = None if base is None else load_base_weights(net, self.models_dir, base)
+        info = (None if base is None
+                else load_base_weights(net, self.models_dir, base, bundle.labels))  # fmt: skip
+        if info is not None:
+            info["freeze"] = self.cfg.freeze
         net = net.to(placement.device).to(memory_format=torch.channels_last)
         return Classifier(net, bundle.pre, channels_last=True).to(placement.device), info
+
+    def _reinitialised(self, net: nn.Module, base_info: dict[str, Any] | None,
+                       saved: RunState | None) -> set[str]:  # fmt: skip
+        """What learns at the full rate: every parameter from scratch, else what the base
+        did not provide (a resumed run: as recorded when it started)."""
+        if self.cfg.base is None:
+            return {n for n, _ in net.named_parameters()}
+        if base_info is not None:
+            return set(base_info["reinitialised"])
+        recorded = (saved.meta.get("base") or {}) if saved is not None else {}
+        return set(recorded.get("reinitialised", head_names(net)))
 
     def _save_state(self, model: Classifier, optimizer: torch.optim.Optimizer,
                     policy: LRPolicy, early: EarlyStopping, *, epoch: int, step: int,
@@ -320,7 +350,7 @@ class Trainer:
             "best": self.best.record, "history": self.history, "step_losses": self.step_losses,
             "dataset": {"spec": bundle.spec, "labels": bundle.labels, "split": bundle.split,
                         "pre": bundle.pre.to_dict()},
-            "parent": self.parent, "finished_version": finished,
+            "parent": self.parent, "finished_version": finished, "base": self.base_info,
             "best_in_state": self.best.in_state, "world": self.dist.world,
         }  # fmt: skip
         RunState.save(self.run_dir, tensors, meta)

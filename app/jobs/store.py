@@ -51,6 +51,7 @@ class Job:
     metrics: dict[str, Any] | None = None
     activated: bool = False
     activation: str | None = None  # why it was or was not activated
+    promotion: dict[str, Any] | None = None  # if_better's numbers (app/activation.py)
     error: str | None = None
     pid: int | None = None
     attempts: int = 0
@@ -59,7 +60,7 @@ class Job:
     purged_at: float | None = None  # when its resumable state was deleted
 
 
-_JSON_COLUMNS: Final = ("config", "history", "metrics")
+_JSON_COLUMNS: Final = ("config", "history", "metrics", "promotion")
 _BOOL_COLUMNS: Final = ("activated", "cancel_requested", "resume")
 _COLUMNS: Final = frozenset(Job.__dataclass_fields__) - {"id"}
 _SCHEMA: Final = """
@@ -85,6 +86,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     metrics TEXT,
     activated INTEGER NOT NULL DEFAULT 0,
     activation TEXT,
+    promotion TEXT,
     error TEXT,
     pid INTEGER,
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -114,6 +116,8 @@ class JobStore:
             have = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
             if "purged_at" not in have:
                 db.execute("ALTER TABLE jobs ADD COLUMN purged_at REAL")
+            if "promotion" not in have:
+                db.execute("ALTER TABLE jobs ADD COLUMN promotion TEXT")
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

@@ -23,7 +23,8 @@ from app.schemas import ActivateResponse, DeletedVersion, JobList, JobOut, JobRe
 from app.state import AppState
 from app.storage import InUse, delete_version, purge_job
 from model.checkpoint import CheckpointError, read_card
-from model.data import DatasetError, resolve_dataset_dir, scan_imagefolder
+from model.data import DatasetError, resolve_dataset_dir
+from model.datasets import MANIFEST_FILE
 from model.run import LOG_FILE, PLOT_FILE
 
 router = APIRouter(
@@ -45,15 +46,18 @@ def check_dataset(state: AppState, dataset: str) -> None:
     """An imagefolder must exist under the data dir now, not fail minutes later."""
     if not dataset.startswith("imagefolder:"):
         return
+    name = dataset.split(":", 1)[1]
     try:
-        path = resolve_dataset_dir(state.settings.data_dir, dataset.split(":", 1)[1])
-        if path.is_dir():
+        path = resolve_dataset_dir(state.settings.data_dir, name)
+        if not path.is_dir():
+            raise DatasetError(f"dataset {name!r} does not exist: import one with POST /admin/datasets/"
+                               f"{name} (GET /admin/datasets lists them)")  # fmt: skip
+        if not (path / MANIFEST_FILE).is_file():
             # Class folders only: reading every image here would block the server.
             labels = [d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")]
             if len(labels) < 2:
-                scan_imagefolder(path)  # raises with the one-class message
-        else:
-            scan_imagefolder(path)  # raises with the "does not exist" message
+                raise DatasetError(f"imagefolder {path} has {len(labels)} class folder(s); "
+                                   "at least 2 are needed")  # fmt: skip
     except DatasetError as exc:
         raise ValidationFailed(
             f"dataset: {exc}", details=[{"loc": ["body", "dataset"], "msg": str(exc)}]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.activation import should_activate
+from app.activation import decide, should_activate
 from app.jobs.progress import apply_event
 from app.jobs.runner import train_argv
 from app.jobs.store import JobStore
@@ -21,6 +21,7 @@ from app.settings import Settings
 from app.state import AppState
 from model.checkpoint import read_active, read_card, write_active
 from model.run import EpochEnd, Event, Finished, Start, Step, parse_event
+from model.stats import PairedResult
 from tests.helpers.api import assert_error, make_client, wait_ready
 from tests.helpers.cli import REPO
 from tests.helpers.versions import make_version
@@ -180,18 +181,30 @@ def test_activate_and_roll_back(admin: TestClient, jpeg_photos: list[Path]) -> N
 
 def test_activation_policy(tmp_path: Path) -> None:
     a = read_card(tmp_path / make_version(tmp_path, metrics={"val_top1": 0.6}).version)
-    better = read_card(tmp_path / make_version(tmp_path, metrics={"val_top1": 0.7}).version)
-    worse = read_card(tmp_path / make_version(tmp_path, metrics={"val_top1": 0.5}).version)
+    new = read_card(tmp_path / make_version(tmp_path, metrics={"val_top1": 0.1}).version)
     other = read_card(tmp_path / make_version(tmp_path, num_classes=5,
                                               metrics={"val_top1": 0.9}).version)  # fmt: skip
-    assert should_activate("if_better", better, a)[0]
-    assert not should_activate("if_better", worse, a)[0]
-    assert not should_activate("if_better", a, a)[0]  # equal is not better
+    # if_better is judged on paired holdout results, not on the cards' val_top1
+    clear_win = PairedResult(n=40, candidate_correct=30, other_correct=18, b=14, c=2)
+    by_chance = PairedResult(n=40, candidate_correct=21, other_correct=19, b=4, c=2)
+    worse = PairedResult(n=40, candidate_correct=10, other_correct=18, b=1, c=9)
+    d = decide("if_better", new, a, result=clear_win, alpha=0.05)
+    assert d.activate and "0.7500 vs 0.4500" in d.reason and "40 images" in d.reason
+    assert d.promotion["p_value"] == pytest.approx(clear_win.p_value)
+    assert clear_win.p_value < 0.05
+    assert d.promotion["decision"] == "activated" and d.promotion["holdout_size"] == 40
+    assert d.promotion["candidate"] == {"version": new.version, "top1": 0.75}
+    d = decide("if_better", new, a, result=by_chance, alpha=0.05)
+    assert not d.activate and "not by more than chance" in d.reason and "p=0.6875" in d.reason
+    assert not should_activate("if_better", new, a, result=worse)[0]
+    assert not should_activate("if_better", new, a)[0]  # no comparison could be made
+    # trained on other data (these cards record none): the answer says it may favour either
+    assert "may favour either side" in decide("if_better", new, a, result=clear_win).reason
     yes, why = should_activate("if_better", other, a)
     assert not yes and "labels differ" in why
-    assert should_activate("always", worse, a)[0]
-    assert not should_activate("never", better, a)[0]
-    assert should_activate("never", worse, None)[0]  # nothing served: the contract activates
+    assert should_activate("always", new, a)[0]
+    assert not should_activate("never", new, a)[0]
+    assert should_activate("never", new, None)[0]  # nothing served: the contract activates
 
 
 def test_store_survives_reopen_and_replays_events(tmp_path: Path) -> None:

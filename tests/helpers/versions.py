@@ -28,11 +28,13 @@ def make_version(
     arch: str = "alexnet",
     activate: bool = False,
     sharpen: float = 20.0,
+    labels: list[str] | None = None,
     **kw: object,
 ) -> ModelCard:
     """A small randomly initialised version; fc8 scaled by `sharpen` so its softmax is
     peaked like a trained model's (top-k ties would make comparisons meaningless)."""
     torch.manual_seed(seed)
+    num_classes = len(labels) if labels else num_classes
     net = build_model(arch, num_classes=num_classes)
     with torch.no_grad():
         last = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
@@ -41,7 +43,7 @@ def make_version(
         models_dir,
         net,
         arch=arch,
-        labels=[f"class_{i}" for i in range(num_classes)],
+        labels=list(labels) if labels else [f"class_{i}" for i in range(num_classes)],
         pre=Preprocessing.for_size(image_size),
         **kw,  # type: ignore[arg-type]
     )
