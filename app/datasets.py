@@ -1,21 +1,9 @@
 """Datasets as the service and the CLI see them: the store built from the settings, the
-jobs that use a dataset (no deletion or replacement under a queued or running job), and the
-translation of import errors into the error envelope."""
+jobs that use a dataset (no deletion or replacement under a queued or running job). (No
+HTTP here: the CLI imports it.)"""
 
 from __future__ import annotations
 
-from app.errors import (
-    AppError,
-    BadRequest,
-    Conflict,
-    InsufficientStorage,
-    InvalidArchive,
-    NotFound,
-    PayloadTooLarge,
-    TooManyFiles,
-    UnsupportedMediaType,
-    ValidationFailed,
-)
 from app.jobs.store import JobStore
 from app.settings import Settings
 from model.datasets import DatasetImportError, DatasetStore, ImportLimits
@@ -51,16 +39,3 @@ def check_not_in_use(jobs: JobStore, name: str, doing: str) -> None:
             "busy", f"cannot {doing} dataset {name!r}: job(s) {', '.join(using)} use it "
             "(cancel them, or wait until they finish)",
         )  # fmt: skip
-
-
-_BY_KIND: dict[str, type[AppError]] = {
-    "unsupported": UnsupportedMediaType, "malformed": InvalidArchive,
-    "too_large": PayloadTooLarge, "too_many_files": TooManyFiles,
-    "unusable": ValidationFailed, "exists": Conflict, "busy": Conflict,
-    "no_space": InsufficientStorage, "not_found": NotFound,
-}  # fmt: skip
-
-
-def to_app_error(exc: DatasetImportError) -> AppError:
-    cls = _BY_KIND.get(exc.kind, BadRequest)
-    return cls(str(exc), details=exc.details)

@@ -13,13 +13,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from python_multipart.multipart import parse_options_header
 
 from app import paths
-from app.datasets import ARCHIVE_TYPES, check_not_in_use, to_app_error
+from app.datasets import ARCHIVE_TYPES, check_not_in_use
 from app.deps import AdminDep, StateDep
 from app.errors import (
+    AppError,
     BadRequest,
+    Conflict,
     InsufficientStorage,
+    InvalidArchive,
     NotFound,
     Overloaded,
+    PayloadTooLarge,
+    TooManyFiles,
     UnsupportedMediaType,
     ValidationFailed,
     responses,
@@ -55,6 +60,19 @@ _EXAMPLE: dict[str, Any] = {
     "created_at": "2026-12-01T17:00:00Z", "source": "upload flowers.zip",
     "skipped_count": 1, "skipped": [{"path": "rose/notes.txt", "reason": "not an image"}],
 }  # fmt: skip
+
+
+_BY_KIND: dict[str, type[AppError]] = {
+    "unsupported": UnsupportedMediaType, "malformed": InvalidArchive,
+    "too_large": PayloadTooLarge, "too_many_files": TooManyFiles,
+    "unusable": ValidationFailed, "exists": Conflict, "busy": Conflict,
+    "no_space": InsufficientStorage, "not_found": NotFound,
+}  # fmt: skip
+
+
+def to_app_error(exc: DatasetImportError) -> AppError:
+    """An import error in the envelope: 415, 400, 413, 422, 409, 507 or 404 by its kind."""
+    return _BY_KIND.get(exc.kind, BadRequest)(str(exc), details=exc.details)
 
 
 class DatasetOut(BaseModel):

@@ -185,9 +185,10 @@ def test_evaluate_splits_per_class_and_confusion_matrix(
                    for line in lines)  # fmt: skip
 
 
-def test_evaluate_a_few_classes_without_holdout(tmp_path: Path) -> None:
-    """An imagefolder has no holdout: the default is val, --split holdout is one clear
-    line; with three classes top-5 is trivially 100%, so it is null / not shown."""
+def test_evaluate_a_few_classes_on_the_frozen_holdout(tmp_path: Path) -> None:
+    """An imagefolder's holdout is drawn at its first use (15% of each class, at least one
+    of a class of 3 or more) and is the default split; `all` is train + val, never the
+    holdout; with three classes top-5 is trivially 100%, so it is null / not shown."""
     home = tmp_path / "home"
     classes = ["apple", "banana", "cherry"]
     _imagefolder(home, "fruit", classes, per_class=4)
@@ -196,19 +197,31 @@ def test_evaluate_a_few_classes_without_holdout(tmp_path: Path) -> None:
     r = run_cli("evaluate", card.version, "--dataset", "imagefolder:fruit", "--json", home=home)
     assert r.returncode == 0, r.stderr
     ev = json.loads(r.stdout)
-    assert (ev["split"], ev["count"], ev["top5"]) == ("val", 2, None)  # round(12 * 0.2)
+    assert (ev["split"], ev["count"], ev["top5"]) == ("holdout", 3, None)  # one per class
     _check_report(ev, classes)
+    assert all(c["count"] == 1 for c in ev["per_class"])  # stratified
+    again = run_cli("evaluate", card.version, "--dataset", "imagefolder:fruit", "--json",
+                    home=home)  # fmt: skip
+    assert json.loads(again.stdout)["confusion_matrix"] == ev["confusion_matrix"]  # frozen
 
     r = run_cli("evaluate", card.version, "--dataset", "imagefolder:fruit", "--split", "all",
                 home=home)  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert "; 12 images)" in r.stdout and "top-1" in r.stdout and "top-5" not in r.stdout
+    assert "; 9 images)" in r.stdout and "top-1" in r.stdout and "top-5" not in r.stdout
 
-    r = run_cli("evaluate", card.version, "--dataset", "imagefolder:fruit", "--split",
+
+def test_evaluate_holdout_of_classes_too_small_to_keep_any_out(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    classes = ["apple", "banana"]
+    _imagefolder(home, "tiny", classes, per_class=2)
+    card = _labelled_version(home, classes)
+    r = run_cli("evaluate", card.version, "--dataset", "imagefolder:tiny", "--json", home=home)
+    assert r.returncode == 0 and json.loads(r.stdout)["split"] == "val", r.stderr
+    r = run_cli("evaluate", card.version, "--dataset", "imagefolder:tiny", "--split",
                 "holdout", home=home)  # fmt: skip
     assert r.returncode == 1 and r.stdout == ""
     [line] = r.stderr.strip().splitlines()
-    assert "has no holdout split" in line
+    assert "has no holdout images" in line
     assert "--split val" in line and "--split all" in line
 
 
