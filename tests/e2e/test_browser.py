@@ -229,3 +229,44 @@ def test_header_follows_a_version_activated_elsewhere(tmp_path: Path, browser: o
         assert r.status_code == 200, r.text
         page.wait_for_selector(f"text=model {new.version}", timeout=30_000)
         page.close()
+
+
+def test_admin_section_uploads_a_dataset_and_fine_tunes_from_it(
+    tmp_path: Path, browser: object
+) -> None:
+    from tests.helpers.datasets import shape_images, zip_bytes
+
+    home = tmp_path / "home"
+    served = make_version(home / "models", activate=True, image_size=64,
+                          labels=["circle", "square", "triangle"])  # fmt: skip
+    archive = tmp_path / "shapes.zip"
+    archive.write_bytes(zip_bytes(shape_images(3, 12, prefix="shapes/") | {"shapes/a.txt": b"x"}))
+    token = "browser-admin-token"
+    with Server(home, ALEXNET_ADMIN_TOKEN=token, ALEXNET_JOB_THREADS="1") as srv:
+        page = browser.new_page()  # type: ignore[attr-defined]
+        page.goto(srv.url + "/")
+        page.fill("#token", token)
+        page.click("#token-form button")
+        page.wait_for_selector("#admin-body:not([hidden])")
+        page.set_input_files("#ds-file", str(archive))
+        page.fill("#ds-name", "shapes")
+        page.click("#ds-form button")
+        page.wait_for_selector("#ds-report >> text=imported shapes: 3 classes, 36 images")
+        assert "shapes/a.txt: not an image" in page.inner_text("#ds-report .skipped")
+        page.wait_for_selector("#datasets tr[data-dataset=shapes]")
+        assert "circle 12" in page.inner_text("#datasets tr[data-dataset=shapes]")
+        # Uploading it again is refused, in the API's words
+        page.click("#ds-form button")
+        page.wait_for_selector("#ds-report .error >> text=conflict")
+        # Fine-tune from the served version: a linear probe, judged on the holdout
+        for name, value in {"epochs": "1", "batch_size": "16", "dropout": "0"}.items():
+            page.fill(f"#job-form [name={name}]", value)
+        page.select_option("#job-form [name=freeze]", "all-but-head")
+        page.click("#datasets tr[data-dataset=shapes] button.fine-tune")
+        page.wait_for_selector("#admin-msg >> text=queued")
+        page.wait_for_selector("#jobs tr[data-status=succeeded] .promotion", timeout=180_000)
+        line = page.inner_text("#jobs tr[data-status=succeeded] .promotion")
+        assert "holdout top-1" in line and f"served {served.version}" in line, line
+        assert "on 6 images" in line and "p=" in line
+        page.screenshot(path=str(tmp_path / "datasets-section.png"), full_page=True)
+        page.close()
