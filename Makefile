@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast lint fmt typecheck bench bench-train bench-serve bench-decode bench-overload bench-attack-memory clean
+.PHONY: serve test test-fast lint fmt typecheck bench bench-train bench-serve bench-decode bench-overload bench-attack-memory bench-fine-tune clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,7 +58,10 @@ bench-overload: $(VENV)/.installed-dev   ## 2 minutes at twice the measured capa
 bench-attack-memory: $(VENV)/.installed-dev   ## RSS before, at peak and 60 s after a hostile run
 	$(BIN)/python bench/attack_memory.py
 
-bench: bench-decode bench-precision bench-train bench-serve bench-overload bench-attack-memory
+bench-fine-tune: $(VENV)/.installed-dev   ## scratch vs fine-tuning with each freeze mode, ~15 min on 2 cores
+	$(BIN)/python bench/fine_tune.py
+
+bench: bench-decode bench-precision bench-train bench-serve bench-overload bench-attack-memory bench-fine-tune
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -29,9 +29,12 @@ class Decision:
 
 def holdout_note(new: ModelCard, current: ModelCard) -> str | None:
     """Why a holdout comparison may not be fair, if it may not."""
+    if current.dataset is None:
+        return (f"the served version records no dataset (source: {current.source}): the "
+                "comparison may favour either side")  # fmt: skip
     if current.dataset != new.dataset:
-        return (f"the served version was trained on {current.dataset or current.source}, not "
-                f"{new.dataset}: the comparison may favour either side")  # fmt: skip
+        return (f"the served version was trained on {current.dataset}, not {new.dataset}: the "
+                "comparison may favour either side")  # fmt: skip
     if current.dataset_hash is None or current.dataset_hash != new.dataset_hash:
         return ("the served version was trained on other contents of this dataset (or before "
                 "its holdout was frozen) and may have seen holdout images: the comparison may "

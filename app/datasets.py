@@ -9,12 +9,6 @@ from app.settings import Settings
 from model.datasets import DatasetImportError, DatasetStore, ImportLimits
 from model.images import DecodeLimits
 
-ARCHIVE_TYPES = frozenset({
-    "application/zip", "application/x-zip-compressed", "application/x-tar", "application/gzip",
-    "application/x-gzip", "application/x-compressed-tar", "application/x-gtar",
-    "application/x-bzip2", "application/x-xz", "application/octet-stream",
-})  # fmt: skip
-
 
 def dataset_store(s: Settings) -> DatasetStore:
     limits = ImportLimits(

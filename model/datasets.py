@@ -68,7 +68,7 @@ _CHUNK: Final = 1 << 20
 _MACOS_JUNK: Final = ("__MACOSX",)
 
 Kind = Literal["unsupported", "malformed", "too_large", "too_many_files", "unusable",
-               "exists", "busy", "no_space", "not_found"]  # fmt: skip
+               "bad_name", "exists", "busy", "no_space", "not_found"]  # fmt: skip
 
 
 class DatasetImportError(DatasetError):
@@ -97,12 +97,13 @@ class ImportLimits:
 def check_name(name: str) -> str:
     if not NAME_RE.fullmatch(name):
         raise DatasetImportError(
-            "malformed",
+            "bad_name",
             f"dataset name {name[:80]!r}: 1-64 letters, digits, '.', '_' or '-', starting "
             "with a letter or digit",
         )
     if name in NOT_DATASETS:
-        raise DatasetImportError("malformed", f"{name!r} is the built-in dataset's folder")
+        raise DatasetImportError("bad_name", f"{name!r} is the built-in CIFAR-10's folder: "
+                                 "choose another name")  # fmt: skip
     return name
 
 
@@ -164,10 +165,13 @@ def _read_bounded(f: IO[bytes], limit: int) -> bytes:
 
 
 def _zip_name(info: zipfile.ZipInfo) -> str:
+    """The member's name as stored: `orig_filename`, since zipfile's `filename` silently
+    ends at a NUL. Without the UTF-8 flag zipfile decodes cp437; most tools write UTF-8
+    regardless, so the bytes are read as UTF-8 (invalid UTF-8 is then refused)."""
+    name = info.orig_filename
     if info.flag_bits & 0x800:
-        return info.filename  # decoded as UTF-8 by zipfile
-    # Without the UTF-8 flag zipfile decodes cp437; most tools write UTF-8 regardless.
-    raw = info.filename.encode("cp437")
+        return name
+    raw = name.encode("cp437")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from python_multipart.multipart import parse_options_header
 
 from app import paths
-from app.datasets import ARCHIVE_TYPES, check_not_in_use
+from app.datasets import check_not_in_use
 from app.deps import AdminDep, StateDep
 from app.errors import (
     AppError,
@@ -65,7 +65,8 @@ _EXAMPLE: dict[str, Any] = {
 _BY_KIND: dict[str, type[AppError]] = {
     "unsupported": UnsupportedMediaType, "malformed": InvalidArchive,
     "too_large": PayloadTooLarge, "too_many_files": TooManyFiles,
-    "unusable": ValidationFailed, "exists": Conflict, "busy": Conflict,
+    "unusable": ValidationFailed, "bad_name": ValidationFailed, "exists": Conflict,
+    "busy": Conflict,
     "no_space": InsufficientStorage, "not_found": NotFound,
 }  # fmt: skip
 
@@ -155,15 +156,12 @@ async def _receive(request: Request, ctype: str, f: IO[bytes], limit: int) -> st
                 filename = upload.filename or "archive"
             finally:
                 await form.close()
-        elif ctype in ARCHIVE_TYPES or not ctype:
+        else:
+            # The bytes decide, not the Content-Type (curl --data-binary sends
+            # application/x-www-form-urlencoded unless told otherwise): not an archive is 415.
             async for chunk in request.stream():
                 f.write(chunk)
-            filename = request.headers.get("x-filename", "")[:200] or ctype or "archive"
-        else:
-            raise UnsupportedMediaType(
-                f"Content-Type {ctype!r}: send the archive as application/zip, "
-                "application/x-tar or application/gzip (or as the multipart field `file`)"
-            )
+            filename = ctype or "archive"
         f.flush()
         f.seek(0)
     except OSError as exc:
@@ -235,7 +233,8 @@ _evaluating = asyncio.Lock()
     summary="Evaluate a version on a dataset's split (holdout by default)",
     description="The one prediction path at the served device and precision: loss, top-1, "
     "top-5, per class, the confusion matrix. One evaluation at a time (429 meanwhile).",
-    responses=responses(404, 422, 429),
+    responses=responses(400, 404, 413, 422, 429, examples={
+        400: ("invalid_request", "There was an error parsing the body")}),
 )  # fmt: skip
 async def evaluate_model(
     version: Annotated[str, Path(examples=["20261127-031500-ab12"])],
