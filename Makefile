@@ -58,7 +58,7 @@ bench-overload: $(VENV)/.installed-dev   ## 2 minutes at twice the measured capa
 bench-attack-memory: $(VENV)/.installed-dev   ## RSS before, at peak and 60 s after a hostile run
 	$(BIN)/python bench/attack_memory.py
 
-bench-fine-tune: $(VENV)/.installed-dev   ## scratch vs fine-tuning with each freeze mode, ~15 min on 2 cores
+bench-fine-tune: $(VENV)/.installed-dev   ## scratch vs fine-tuning with each freeze mode, ~6 min on 2 cores
 	$(BIN)/python bench/fine_tune.py
 
 bench: bench-decode bench-precision bench-train bench-serve bench-overload bench-attack-memory bench-fine-tune

@@ -35,10 +35,11 @@ def holdout_note(new: ModelCard, current: ModelCard) -> str | None:
     if current.dataset != new.dataset:
         return (f"the served version was trained on {current.dataset}, not {new.dataset}: the "
                 "comparison may favour either side")  # fmt: skip
-    if current.dataset_hash is None or current.dataset_hash != new.dataset_hash:
-        return ("the served version was trained on other contents of this dataset (or before "
-                "its holdout was frozen) and may have seen holdout images: the comparison may "
-                "favour either side")  # fmt: skip
+    same_data = current.dataset_hash is not None and current.dataset_hash == new.dataset_hash
+    if not same_data or current.holdout_hash != new.holdout_hash:
+        return ("the served version was trained on other contents or another holdout of this "
+                "dataset (or before its holdout was frozen) and may have seen holdout images: "
+                "the comparison may favour either side")  # fmt: skip
     return None
 
 
@@ -102,10 +103,10 @@ def judge(new: ModelCard, current: ModelCard, *, models_dir: Path, data_dir: Pat
         reports.append(evaluate_version(net, card, new.dataset, split="holdout",
                                         data_dir=data_dir, placement=placement,
                                         channels_last=channels_last, per_item=True,
-                                        holdout_share=holdout_share))  # fmt: skip
+                                        holdout_share=holdout_share, split_of=new))  # fmt: skip
     a, b = (r.result.correct or [] for r in reports)
     holdout = {"dataset": new.dataset, "dataset_hash": new.dataset_hash,
-               "precision": placement.precision}  # fmt: skip
+               "holdout_hash": new.holdout_hash, "precision": placement.precision}  # fmt: skip
     return paired(a, b), holdout
 
 

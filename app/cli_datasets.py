@@ -90,8 +90,8 @@ def _run(args: argparse.Namespace, s: Any, store: Any) -> int:
     jobs = JobStore(s.db_path)
     try:
         if args.action == "delete":
-            check_not_in_use(jobs, args.target, "delete")
-            freed = store.delete(args.target)
+            freed = store.delete(args.target,
+                                 guard=lambda: check_not_in_use(jobs, args.target, "delete"))  # fmt: skip
             if args.json:
                 print(json.dumps({"deleted": args.target, "freed_bytes": freed}))
             else:
@@ -102,16 +102,22 @@ def _run(args: argparse.Namespace, s: Any, store: Any) -> int:
             raise DatasetCliError("datasets import needs --name NAME")
         if args.replace:
             check_not_in_use(jobs, name, "replace")
+
+        def not_in_use() -> None:
+            if args.replace:
+                check_not_in_use(jobs, name, "replace")
+
+        src = Path(args.target)
+        if src.is_dir():
+            m = store.import_folder(src, name, replace=args.replace, guard=not_in_use)
+        elif src.is_file():
+            with src.open("rb") as f:
+                m = store.import_archive(f, name, source=f"file {src.name}",
+                                         replace=args.replace, guard=not_in_use)  # fmt: skip
+        else:
+            raise DatasetCliError(f"{src}: no such file or folder")
     finally:
         jobs.close()
-    src = Path(args.target)
-    if src.is_dir():
-        m = store.import_folder(src, name, replace=args.replace)
-    elif src.is_file():
-        with src.open("rb") as f:
-            m = store.import_archive(f, name, source=f"file {src.name}", replace=args.replace)
-    else:
-        raise DatasetCliError(f"{src}: no such file or folder")
     if args.json:
         print(json.dumps(m.as_json(), indent=2))
     else:

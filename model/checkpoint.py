@@ -63,6 +63,8 @@ class ModelCard(BaseModel):
     dataset: str | None = None
     # The content hash of the data it was trained on (an imagefolder's manifest hash).
     dataset_hash: str | None = None
+    # ...and of the holdout it was kept away from (the promotion's fairness check).
+    holdout_hash: str | None = None
     train_config: dict[str, Any] | None = None
     parent: str | None = None
     source: str = "training"
@@ -160,6 +162,7 @@ def save_version(
     metrics: dict[str, Any] | None = None,
     dataset: str | None = None,
     dataset_hash: str | None = None,
+    holdout_hash: str | None = None,
     train_config: dict[str, Any] | None = None,
     parent: str | None = None,
     source: str = "training",
@@ -191,6 +194,7 @@ def save_version(
         metrics=metrics or {},
         dataset=dataset,
         dataset_hash=dataset_hash,
+        holdout_hash=holdout_hash,
         train_config=train_config,
         parent=parent,
         source=source,

@@ -86,6 +86,8 @@ class DatasetBundle:
     # What the data was: an imagefolder's content hash (its manifest's), else a hash of
     # what determines the images (synthetic: size and seed; cifar10: its arrays).
     hash: str | None = None
+    # What the holdout was (an imagefolder's holdout paths and hashes; synthetic's seed).
+    holdout_hash: str | None = None
 
 
 def split_indices(n: int, val_split: float, seed: int) -> tuple[list[int], list[int]]:
@@ -146,6 +148,7 @@ def load_dataset(
         )
         labels = list(synthetic.LABELS)
         digest = _hash(f"synthetic:{n}:{pre.resize_size}:{seed}".encode())
+        held = _hash(f"synthetic-holdout:{max(n // 5, 10)}:{seed + 1_000_003}".encode())
         # A disjoint held-out set (evaluation, promotion): another seed stream.
         test: Dataset[tuple[torch.Tensor, int]] | None = synthetic.SyntheticShapes(
             max(n // 5, 10), pre.resize_size, seed + 1_000_003
@@ -158,6 +161,7 @@ def load_dataset(
         full, test = cifar, load_cifar10(root, train=False)
         labels, skipped = list(CIFAR10_LABELS), []
         digest = _hash(cifar.images.numpy().tobytes(), cifar.targets.numpy().tobytes())
+        held = _hash(b"cifar10-test-batch")
     elif spec.startswith("imagefolder:"):
         path = resolve_dataset_dir(data_dir, spec.split(":", 1)[1])
         pre = pre or Preprocessing.for_size(image_size)
@@ -180,6 +184,7 @@ def load_dataset(
                "val": len(val_idx)},
         skipped=skipped,
         hash=digest,
+        holdout_hash=held,
     )  # fmt: skip
 
 
@@ -232,6 +237,7 @@ def imagefolder_bundle(spec: str, path: Path, pre: Preprocessing, *, val_split: 
                "val": len(val_files), "holdout": len(holdout), "layout": man.layout,
                "dataset_hash": man.hash},
         skipped=[f"{s['path']}: {s['reason']}" for s in man.skipped], hash=man.hash,
+        holdout_hash=man.holdout.get("hash"),
     )  # fmt: skip
 
 

@@ -23,8 +23,8 @@ import fcntl
 import hashlib
 import json
 import logging
+import lzma
 import os
-import random
 import re
 import shutil
 import stat
@@ -178,14 +178,35 @@ def _zip_name(info: zipfile.ZipInfo) -> str:
         return raw.decode("utf-8", "surrogateescape")
 
 
+def _broken(what: str, exc: BaseException) -> DatasetImportError:
+    return DatasetImportError("malformed", f"{what} cannot be read (truncated or corrupt?): {exc}")
+
+
+def _zip_entries(f: IO[bytes]) -> int | None:
+    """The member count the end-of-central-directory record states (read before the
+    directory itself, which would otherwise be parsed whole, however long)."""
+    try:
+        end = zipfile._EndRecData(f)  # type: ignore[attr-defined]
+        return None if end is None else int(end[zipfile._ECD_ENTRIES_TOTAL])  # type: ignore[attr-defined]
+    except (OSError, AttributeError, IndexError, TypeError, ValueError):
+        return None  # zipfile itself says what is wrong below
+    finally:
+        f.seek(0)
+
+
 def zip_members(f: IO[bytes], limits: ImportLimits) -> Iterator[Member]:
+    stated = _zip_entries(f)
+    if stated is not None and stated > limits.max_files:
+        raise DatasetImportError(
+            "too_many_files",
+            f"the archive has {stated} members; at most {limits.max_files} "
+            "(ALEXNET_MAX_DATASET_FILES)",
+        )
     try:
         zf = zipfile.ZipFile(f)
         infos = zf.infolist()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-        raise DatasetImportError(
-            "malformed", f"not a readable zip file (truncated?): {exc}"
-        ) from exc
+        raise _broken("the zip file", exc) from exc
     except UnicodeDecodeError as exc:
         raise DatasetImportError("malformed", f"a member name is not valid UTF-8: {exc}") from exc
     if len(infos) > limits.max_files:
@@ -203,6 +224,10 @@ def zip_members(f: IO[bytes], limits: ImportLimits) -> Iterator[Member]:
             yield Member(name, "link", lambda _n: b"")
         elif mode and not stat.S_ISREG(mode) and stat.S_IFMT(mode):
             yield Member(name, "special", lambda _n: b"")
+        elif info.flag_bits & 0x1:
+            raise DatasetImportError(
+                "malformed", f"member {name[:200]!r} is encrypted: send an unencrypted archive"
+            )
         else:
 
             def read(limit: int, info: zipfile.ZipInfo = info) -> bytes:
@@ -212,16 +237,40 @@ def zip_members(f: IO[bytes], limits: ImportLimits) -> Iterator[Member]:
             yield Member(name, "file", read)
 
 
+class _LastRead:
+    """A tar's (decompressed) stream that remembers the last bytes read: after tarfile's
+    last member, the block it stopped at must be the end-of-archive zero block (tarfile
+    also stops, silently, at a header cut short or at garbage)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.last = f, b""
+
+    def read(self, n: int = -1) -> bytes:
+        data: bytes = self.f.read(n)
+        self.last = data
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.f, name)
+
+
 def tar_members(f: IO[bytes], limits: ImportLimits) -> Iterator[Member]:
+    """A tar's members. The decompressed stream is bounded as it goes (`tf.offset`, where
+    the next header starts, past `max_bytes` is refused before any of it is decompressed:
+    skipped and oversized members count too), its end must be the end-of-archive block, and
+    it is read to its end so that gzip's CRC and length are checked."""
     try:
         tf = tarfile.open(fileobj=f, mode="r:*")  # noqa: SIM115 (read lazily by the members)
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-        raise DatasetImportError(
-            "malformed", f"not a readable tar archive (truncated?): {exc}"
-        ) from exc
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
+        raise _broken("the tar archive", exc) from exc
+    stream = _LastRead(tf.fileobj)
+    tf.fileobj = stream  # type: ignore[assignment]
     count = 0
     while True:
-        ti = tf.next()
+        try:
+            ti = tf.next()
+        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as exc:
+            raise _broken("the tar archive", exc) from exc
         if ti is None:
             break
         count += 1
@@ -229,6 +278,12 @@ def tar_members(f: IO[bytes], limits: ImportLimits) -> Iterator[Member]:
             raise DatasetImportError(
                 "too_many_files",
                 f"the archive has more than {limits.max_files} members (ALEXNET_MAX_DATASET_FILES)",
+            )
+        if tf.offset > limits.max_bytes:
+            raise DatasetImportError(
+                "too_large",
+                f"the archive unpacks to more than {limits.max_bytes} bytes "
+                "(ALEXNET_MAX_DATASET_BYTES)",
             )
         if ti.isdir():
             yield Member(ti.name, "dir", lambda _n: b"")
@@ -246,6 +301,21 @@ def tar_members(f: IO[bytes], limits: ImportLimits) -> Iterator[Member]:
 
             yield Member(ti.name, "file", read)
         # (tarfile keeps every header read in tf.members; members are bounded above)
+    if count and stream.last != bytes(tarfile.BLOCKSIZE):
+        raise DatasetImportError(
+            "malformed", "the tar archive ends inside a header or in garbage (truncated?)"
+        )
+    total = tf.offset
+    try:
+        while chunk := stream.read(_CHUNK):
+            total += len(chunk)
+            if total > limits.max_bytes:
+                raise DatasetImportError(
+                    "too_large", f"the archive unpacks to more than {limits.max_bytes} bytes "
+                    "(ALEXNET_MAX_DATASET_BYTES)",
+                )  # fmt: skip
+    except (EOFError, zlib.error, lzma.LZMAError, OSError) as exc:
+        raise _broken("the compressed archive", exc) from exc
 
 
 def folder_members(root: Path, limits: ImportLimits) -> Iterator[Member]:
@@ -323,12 +393,35 @@ def holdout_count(n: int, share: float) -> int:
     return min(max(round(n * share), 1), n - 2)
 
 
-def draw_holdout(files: list[str], share: float, seed: int, cls: str) -> set[str]:
-    """A seeded share of one class's files (sorted first: the draw never depends on the
-    order the files were found in)."""
-    ordered = sorted(files)
-    random.Random(f"{seed}:{cls}").shuffle(ordered)  # noqa: S311 (a seeded draw)
-    return set(ordered[: holdout_count(len(ordered), share)])
+def draw_holdout(files: list[tuple[str, str]], share: float, seed: int, cls: str) -> set[str]:
+    """A seeded share of one class's (path, sha256) files. Images are ranked by a hash of
+    (seed, class, content), so the draw does not depend on the order they were found in,
+    adding an image moves at most one other, and copies of one image go together."""
+
+    def rank(sha: str) -> str:
+        return hashlib.sha256(f"{seed}:{cls}:{sha}".encode()).hexdigest()
+
+    k = holdout_count(len(files), share)
+    by_sha: dict[str, list[str]] = {}
+    for path, sha in files:
+        by_sha.setdefault(sha, []).append(path)
+    held: set[str] = set()
+    for sha in sorted(by_sha, key=rank):
+        if len(held) >= k:
+            break
+        if len(files) - len(held) - len(by_sha[sha]) < 2:
+            continue  # never fewer than two left to train on
+        held.update(by_sha[sha])
+    return held
+
+
+def holdout_digest(images: list[Image]) -> str:
+    """sha256 over the holdout's (path, file sha256) pairs: two versions were judged on the
+    same holdout, and trained away from it, only if this is the same."""
+    h = hashlib.sha256()
+    for im in sorted((i for i in images if i.split == "holdout"), key=lambda i: i.path):
+        h.update(f"{im.path}\0{im.sha256}\n".encode())
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -421,10 +514,11 @@ def _is_junk(parts: tuple[str, ...]) -> bool:
 Entries = dict[tuple[str, ...], str]  # every member's safe path: "file" or "dir"
 
 
-def _unpack(members: Iterator[Member], dest: Path, limits: ImportLimits,
-            write: bool) -> tuple[list[_Kept], list[dict[str, str]], Entries]:  # fmt: skip
+def _unpack(members: Iterator[Member], dest: Path, limits: ImportLimits, write: bool,
+            skip_links: bool = False) -> tuple[list[_Kept], list[dict[str, str]], Entries]:  # fmt: skip
     """Read every member, refuse the archive for anything unsafe, keep the readable images
-    (written under `dest` when `write`), and report the rest."""
+    (written under `dest` when `write`), and report the rest. `skip_links`: a folder's
+    links are reported and not followed (in an archive they refuse it)."""
     kept: list[_Kept] = []
     skipped: list[dict[str, str]] = []
     seen: Entries = {}
@@ -432,6 +526,9 @@ def _unpack(members: Iterator[Member], dest: Path, limits: ImportLimits,
     for m in members:
         parts = member_parts(m.name)
         if not parts:
+            continue
+        if m.kind == "link" and skip_links:
+            skipped.append({"path": "/".join(parts), "reason": "a link: not followed"})
             continue
         if m.kind in ("link", "special"):
             what = "a link" if m.kind == "link" else "a device, FIFO or socket"
@@ -461,12 +558,17 @@ def _unpack(members: Iterator[Member], dest: Path, limits: ImportLimits,
             raise _nested(rel)
         try:
             data = m.read(limits.max_file_bytes)
-        except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as exc:
-            raise DatasetImportError(
-                "malformed", f"member {rel[:200]!r} cannot be read (truncated?): {exc}"
-            ) from exc
+        except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError,
+                RuntimeError) as exc:  # fmt: skip
+            raise _broken(f"member {rel[:200]!r}", exc) from exc
         except NotImplementedError as exc:  # an unsupported zip compression method
             raise DatasetImportError("unsupported", f"member {rel[:200]!r}: {exc}") from exc
+        except OSError as exc:
+            if exc.errno is not None:
+                raise  # the disk, not the archive
+            raise _broken(f"member {rel[:200]!r}", exc) from exc  # gzip's BadGzipFile
+        if sniff(data[:512]) is not None:
+            raise _nested(rel)
         total += len(data)
         if total > limits.max_bytes:
             raise DatasetImportError(
@@ -478,8 +580,6 @@ def _unpack(members: Iterator[Member], dest: Path, limits: ImportLimits,
             skipped.append({"path": rel, "reason": f"larger than {limits.max_file_bytes} bytes "
                             "(ALEXNET_MAX_UPLOAD_BYTES)"})  # fmt: skip
             continue
-        if sniff(data[:512]) is not None:
-            raise _nested(rel)
         if suffix not in IMAGE_SUFFIXES:
             skipped.append({"path": rel, "reason": f"not an image ({suffix or 'no'} suffix; "
                             f"expected one of {', '.join(sorted(IMAGE_SUFFIXES))})"})  # fmt: skip
@@ -527,9 +627,10 @@ def plan_layout(kept: list[_Kept], entries: Entries, *, holdout_share: float, se
     tops = {p[0] for p in visible}
     if len(tops) == 1:
         top = next(iter(tops))
-        found = [k.parts for k in kept]
-        under_one = visible.get((top,)) == "dir" and found and all(len(p) >= 3 for p in found)
-        if under_one and (top not in SPLIT_DIRS or top == "train"):
+        # flowers/<class>/<image>: one top folder with images in folders inside it (a loose
+        # flowers/cover.jpg is then reported, not taken as a class)
+        nested = any(len(k.parts) >= 3 for k in kept)
+        if visible.get((top,)) == "dir" and nested and (top not in SPLIT_DIRS or top == "train"):
             root = (top,)
     rel = {
         p[len(root) :]: k
@@ -583,18 +684,25 @@ def plan_layout(kept: list[_Kept], entries: Entries, *, holdout_share: float, se
                 "some, or remove the folder",
                 details={"skipped": [s for s in skipped if f"/{cls}/" in "/" + s["path"]][:100]},
             )
-        held = set()
+        held: set[str] = set()
         if holdout_from == "drawn":
-            held = draw_holdout(["/".join(p) for p in pool], holdout_share, seed, cls)
+            pool_files = [("/".join(p), k.sha256) for k, p in entries_c
+                          if not pre_split or p[0] == "train"]  # fmt: skip
+            held = draw_holdout(pool_files, holdout_share, seed, cls)
         for k, p in entries_c:
             r = "/".join(p)
             split: Any = "holdout" if r in held else "trainval"
             if pre_split and r not in held:
                 split = {"train": "train", "val": "val", "test": "holdout"}[p[0]]
             images.append(Image(r, index[cls], split, k.sha256, k.size))
-    images.sort(key=lambda i: i.path)
+    # A copy of a holdout image anywhere else (another name, another class, train/ beside
+    # test/) would put the holdout into training: every copy is held out.
+    held_shas = {i.sha256 for i in images if i.split == "holdout"}
+    images = sorted((Image(i.path, i.label, "holdout", i.sha256, i.size)
+                     if i.sha256 in held_shas else i for i in images), key=lambda i: i.path)  # fmt: skip
     holdout = {"share": holdout_share if holdout_from == "drawn" else None, "seed": seed,
-               "from": holdout_from, "images": sum(i.split == "holdout" for i in images)}  # fmt: skip
+               "from": holdout_from, "images": sum(i.split == "holdout" for i in images),
+               "hash": holdout_digest(images)}  # fmt: skip
     return Layout(root, classes, images, "pre_split" if pre_split else "class_folders", holdout)
 
 
@@ -602,63 +710,78 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+@contextlib.contextmanager
+def name_lock(data_dir: Path, name: str) -> Iterator[None]:
+    """Dataset `name`'s lock (an exclusive flock, non-blocking): DatasetImportError("busy")
+    while another import, deletion, first manifest or job check of it is under way, in
+    this process or another (the CLI, servers sharing the home)."""
+    locks = data_dir / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DatasetImportError(
+                "busy", f"dataset {name!r} is being imported, deleted or checked right now; "
+                "retry when that has finished",
+            ) from None  # fmt: skip
+        yield
+    finally:
+        os.close(fd)
+
+
+Guard = Callable[[], None]  # called under the name's lock just before a change; raises to stop it
+
+
 class DatasetStore:
     """The datasets under `data_dir`: import, list, read, delete. Safe across processes
-    (the CLI and servers sharing a home): one import or deletion of a name at a time."""
+    (the CLI and servers sharing a home): one import or deletion of a name at a time.
+
+    Temp folders: `.tmp-import-<name>-*` (an import being written), `.tmp-trash-<name>-*`
+    (the dataset a replace is swapping out: put back at the next start if the new one never
+    arrived) and `.tmp-deleted-<name>-*` (being removed)."""
 
     def __init__(self, data_dir: Path, limits: ImportLimits | None = None,
                  holdout_share: float = DEFAULT_HOLDOUT_SPLIT) -> None:  # fmt: skip
-        self.data_dir, self.limits, self.holdout_share = (
-            data_dir,
-            limits or ImportLimits(),
-            holdout_share,
-        )
+        self.data_dir, self.limits = data_dir, limits or ImportLimits()
+        self.holdout_share = holdout_share
 
-    # -- locks and temp folders
-
-    @contextlib.contextmanager
-    def lock(self, name: str) -> Iterator[None]:
-        """The name's lock (non-blocking): DatasetImportError("busy") when another import
-        or deletion of it is under way, here or in another process."""
-        locks = self.data_dir / ".locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise DatasetImportError(
-                    "busy", f"dataset {name!r} is being imported or deleted right now; retry "
-                    "when that has finished",
-                ) from None  # fmt: skip
-            yield
-        finally:
-            os.close(fd)
+    def lock(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return name_lock(self.data_dir, name)
 
     def clean_stale(self) -> list[str]:
-        """Remove temp folders and uploads of imports that died (a killed server): those
-        whose name is not locked by a live import."""
-        removed: list[str] = []
+        """What imports, replaces and deletions that died (a killed server) left: removed,
+        or, for a replace that died between its two renames, the old dataset put back. Only
+        names no live process holds the lock of."""
+        done: list[str] = []
         if not self.data_dir.is_dir():
-            return removed
-        for p in self.data_dir.glob(".tmp-*"):
-            m = re.fullmatch(r"\.tmp-(?:import|trash)-(.+)-[0-9a-f]{8}", p.name)
-            if m is None and p.name.startswith(".tmp-upload-"):
+            return done
+        for p in sorted(self.data_dir.glob(".tmp-*")):
+            if p.name.startswith(".tmp-upload-"):
                 if _unlocked_file(p):
                     p.unlink(missing_ok=True)
-                    removed.append(p.name)
+                    done.append(p.name)
                 continue
+            m = re.fullmatch(r"\.tmp-(import|trash|deleted)-(.+)-[0-9a-f]{8}", p.name)
             if m is None:
                 continue
+            kind, name = m.groups()
             try:
-                with self.lock(m.group(1)):
-                    shutil.rmtree(p, ignore_errors=True)
-                    removed.append(p.name)
+                with self.lock(name):
+                    final = self.data_dir / name
+                    if kind == "trash" and not final.exists() and p.exists():
+                        p.rename(final)
+                        fsync_dir(self.data_dir)
+                        done.append(f"{p.name} -> {name}")
+                    else:
+                        shutil.rmtree(p, ignore_errors=True)
+                        done.append(p.name)
             except DatasetImportError:
                 continue  # a live import's
-        if removed:
-            log.warning("removed %d unfinished dataset import(s): %s", len(removed), removed)
-        return removed
+        if done:
+            log.warning("cleaned up after %d unfinished dataset change(s): %s", len(done), done)
+        return done
 
     @contextlib.contextmanager
     def upload_file(self) -> Iterator[IO[bytes]]:
@@ -676,32 +799,34 @@ class DatasetStore:
 
     # -- import
 
-    def import_archive(self, f: IO[bytes], name: str, *, source: str,
-                       replace: bool = False) -> Manifest:  # fmt: skip
-        """Import the archive in the seekable file `f` as dataset `name`."""
+    def import_archive(self, f: IO[bytes], name: str, *, source: str, replace: bool = False,
+                       guard: Guard | None = None) -> Manifest:  # fmt: skip
+        """Import the archive in the seekable file `f` as dataset `name`. `guard` runs under
+        the name's lock just before the dataset appears (or replaces the old one)."""
         check_name(name)
-        return self._import(name, lambda: archive_members(f, self.limits), source, replace)
+        return self._import(name, lambda: archive_members(f, self.limits), source, replace,
+                            guard, skip_links=False)  # fmt: skip
 
-    def import_folder(self, folder: Path, name: str, *, replace: bool = False) -> Manifest:
+    def import_folder(self, folder: Path, name: str, *, replace: bool = False,
+                      guard: Guard | None = None) -> Manifest:  # fmt: skip
+        """Copy a folder of class folders in as dataset `name` (links are not followed)."""
         check_name(name)
         if folder.resolve() == (self.data_dir / name).resolve():
             raise DatasetImportError("exists", f"{folder} is dataset {name!r} already")
         return self._import(name, lambda: folder_members(folder, self.limits),
-                            f"folder {folder}", replace)  # fmt: skip
+                            f"folder {folder}", replace, guard, skip_links=True)  # fmt: skip
 
     def _import(self, name: str, members: Callable[[], Iterator[Member]], source: str,
-                replace: bool) -> Manifest:  # fmt: skip
+                replace: bool, guard: Guard | None, *, skip_links: bool) -> Manifest:  # fmt: skip
         final = self.data_dir / name
         with self.lock(name):
             if final.exists() and not replace:
-                raise DatasetImportError(
-                    "exists", f"dataset {name!r} exists; import with replace=true (CLI: "
-                    "--replace) to replace it, or delete it first",
-                )  # fmt: skip
+                raise _exists(name)
             tmp = self.data_dir / f".tmp-import-{name}-{uuid.uuid4().hex[:8]}"
             try:
                 tmp.mkdir(parents=True)
-                kept, skipped, entries = _unpack(members(), tmp, self.limits, write=True)
+                kept, skipped, entries = _unpack(members(), tmp, self.limits, write=True,
+                                                 skip_links=skip_links)  # fmt: skip
                 if not kept:
                     raise DatasetImportError(
                         "unusable", "no readable images in it: one folder per class, "
@@ -715,6 +840,10 @@ class DatasetStore:
                 _drop_unlisted(src, {i.path for i in lay.images})
                 atomic_write_bytes(src / MANIFEST_FILE, manifest.to_bytes())
                 _fsync_tree(src)
+                if final.exists() and not replace:  # (made by hand meanwhile)
+                    raise _exists(name)
+                if guard is not None:
+                    guard()
                 self._swap_in(src, final, name)
                 return manifest
             except OSError as exc:
@@ -746,52 +875,71 @@ class DatasetStore:
                       if p.is_dir() and NAME_RE.fullmatch(p.name) and p.name not in NOT_DATASETS)  # fmt: skip
 
     def get(self, name: str, *, build: bool = True) -> Manifest:
-        """The dataset's manifest; a folder made by hand gets one now (`build`)."""
+        """The dataset's manifest; a folder made by hand gets one now (`build`), exactly as
+        a job's first use would make it."""
         check_name(name)
         folder = self.data_dir / name
         if not folder.is_dir():
             raise DatasetImportError("not_found", f"no dataset {name!r} (GET /admin/datasets "
                                      "lists them)")  # fmt: skip
-        return ensure_manifest(folder, holdout_share=self.holdout_share, limits=self.limits,
-                               build=build)  # fmt: skip
+        return ensure_manifest(folder, holdout_share=self.holdout_share, build=build)
 
-    def delete(self, name: str) -> int:
-        """Rename the folder away, then remove it; the bytes freed."""
+    def delete(self, name: str, *, guard: Guard | None = None) -> int:
+        """Rename the folder away, then remove it; the bytes freed. `guard` runs under the
+        name's lock first."""
         check_name(name)
         final = self.data_dir / name
         with self.lock(name):
             if not final.is_dir():
                 raise DatasetImportError("not_found", f"no dataset {name!r}")
+            if guard is not None:
+                guard()
             size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
-            trash = self.data_dir / f".tmp-trash-{name}-{uuid.uuid4().hex[:8]}"
-            final.rename(trash)
+            gone = self.data_dir / f".tmp-deleted-{name}-{uuid.uuid4().hex[:8]}"
+            final.rename(gone)
             fsync_dir(self.data_dir)
-            shutil.rmtree(trash, ignore_errors=True)
+            shutil.rmtree(gone, ignore_errors=True)
         return size
 
 
+def _exists(name: str) -> DatasetImportError:
+    return DatasetImportError(
+        "exists", f"dataset {name!r} exists; import with replace=true (CLI: --replace) to "
+        "replace it, or delete it first",
+    )  # fmt: skip
+
+
 def ensure_manifest(folder: Path, *, holdout_share: float = DEFAULT_HOLDOUT_SPLIT,
-                    limits: ImportLimits | None = None, build: bool = True) -> Manifest:  # fmt: skip
-    """The folder's manifest, written now (from its files, checked like an import) when it
-    has none: the holdout of a dataset made by hand is drawn at its first use."""
+                    build: bool = True) -> Manifest:  # fmt: skip
+    """The folder's manifest, written now (from its files, checked like a folder import,
+    under the name's lock) when it has none: the holdout of a dataset made by hand is drawn
+    at its first use. No limit on the count of files (it is the user's own folder); each
+    image within the upload decoder's default limits."""
     try:
         return Manifest.read(folder)
     except FileNotFoundError:
         if not build:
             raise
-    limits = limits or ImportLimits(max_bytes=2**62, max_files=10**9)
     try:
-        kept, skipped, entries = _unpack(folder_members(folder, limits), folder, limits,
-                                         write=False)  # fmt: skip
-        if not kept:
-            raise DatasetImportError("unusable", "no readable images: one folder per class")
-        lay = plan_layout(kept, entries, holdout_share=holdout_share, seed=HOLDOUT_SEED,
-                          skipped=skipped)  # fmt: skip
+        with name_lock(folder.parent, folder.name):
+            with contextlib.suppress(FileNotFoundError):
+                return Manifest.read(folder)  # another process made it meanwhile
+            return _build_manifest(folder, holdout_share)
     except DatasetImportError as exc:
         raise DatasetError(f"imagefolder {folder}: {exc}") from exc
+
+
+def _build_manifest(folder: Path, holdout_share: float) -> Manifest:
+    limits = ImportLimits(max_bytes=2**62, max_files=10**9)
+    kept, skipped, entries = _unpack(folder_members(folder, limits), folder, limits,
+                                     write=False, skip_links=True)  # fmt: skip
+    if not kept:
+        raise DatasetImportError("unusable", "no readable images: one folder per class")
+    lay = plan_layout(kept, entries, holdout_share=holdout_share, seed=HOLDOUT_SEED,
+                      skipped=skipped)  # fmt: skip
     if lay.root:
-        raise DatasetError(f"imagefolder {folder} has its class folders inside "
-                           f"{lay.root[0]}/: move them up")  # fmt: skip
+        raise DatasetImportError("unusable", f"its class folders are inside {lay.root[0]}/: "
+                                 "move them up")  # fmt: skip
     manifest = _manifest(folder.name, lay, skipped, "folder made by hand")
     atomic_write_bytes(folder / MANIFEST_FILE, manifest.to_bytes())
     log.info("imagefolder %s: manifest written (%d images, %d held out)", folder,

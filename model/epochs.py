@@ -87,5 +87,6 @@ def save_best(models_dir: Path, cfg: TrainConfig, bundle: DatasetBundle,
     net.load_state_dict(weights)
     return save_version(models_dir, net, arch=cfg.arch, labels=bundle.labels, pre=bundle.pre,
                         metrics=metrics, dataset=bundle.spec, dataset_hash=bundle.hash,
+                        holdout_hash=bundle.holdout_hash,
                         train_config={**cfg.model_dump(mode="json"), "split": bundle.split},
                         parent=parent, weights=weights_bytes(net))  # fmt: skip

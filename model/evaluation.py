@@ -104,14 +104,16 @@ def evaluate_version(
     channels_last: bool = False,
     per_item: bool = False,
     holdout_share: float = 0.15,
+    split_of: ModelCard | None = None,
 ) -> EvalReport:
     """Evaluate `net` (the version `card`) on `split` of dataset `spec` (None: its default).
 
     On the dataset the version was trained on, `val` is exactly its validation split (the
     same seed and val_split); on another dataset it is a seeded 20% of it.
     """
-    cfg = card.train_config or {}
-    same = card.dataset == spec
+    ref = split_of or card  # whose split (seed, val_split) to take: to judge two versions
+    cfg = ref.train_config or {}  # on the very same images (synthetic's holdout is seeded)
+    same = ref.dataset == spec
     bundle = load_dataset(
         spec,
         data_dir=data_dir,
@@ -136,7 +138,7 @@ def evaluate_version(
         version=card.version,
         dataset=spec,
         split=split,
-        includes_training_images=split == "all" and same,
+        includes_training_images=split == "all" and card.dataset == spec,
         labels=list(card.labels),
         result=res,
     )

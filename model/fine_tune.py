@@ -60,7 +60,7 @@ def load_base_weights(net: nn.Module, models_dir: Path, card: ModelCard,
                if k not in skip and own[k].shape == v.shape}  # fmt: skip
     net.load_state_dict(fitting, strict=False)
     return {"version": card.version, "classes": card.num_classes,
-            "reinitialised": sorted(set(own) - set(fitting))}  # fmt: skip
+            "labels_differ": bool(skip), "reinitialised": sorted(set(own) - set(fitting))}  # fmt: skip
 
 
 def frozen(net: nn.Module, freeze: str) -> set[str]:
@@ -102,5 +102,7 @@ def fine_tune_text(base: dict[str, Any], classes: int) -> str:
         text += f" (frozen: {base['freeze']})"
     if base["reinitialised"]:
         layers = "last layer" if len(base["reinitialised"]) <= 2 else "layers"
+        if base["classes"] == classes:
+            return f"{text}; {layers} re-initialised: other labels ({classes} classes)"
         return f"{text}; {layers} re-initialised, {base['classes']} -> {classes} classes"
     return f"{text}; all layers kept ({classes} classes)"

@@ -148,7 +148,9 @@ def restore_training(tensors: dict[str, torch.Tensor], net: nn.Module,
     weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     check_state_dict(net, weights, source=source)
     net.load_state_dict(weights)
-    params = list(optimizer.param_groups[0]["params"])
+    # The optimizer numbers its state across all groups (a fine-tune has two: new layers and
+    # kept ones at a scaled rate).
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
         if k.startswith("optim."):

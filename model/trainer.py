@@ -162,10 +162,6 @@ class Trainer:
             self.base_info = base_info
         elif saved is not None:
             self.base_info = saved.meta.get("base")
-        train_model: nn.Module = model
-        if self.dist.world > 1:
-            ids = [placement.device.index] if placement.device.type == "cuda" else None
-            train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         # Frozen layers are left out; kept ones may learn slower (model/fine_tune.py).
         groups = param_groups(model.net, lr=cfg.lr, freeze=cfg.freeze,
                               base_lr_scale=cfg.base_lr_scale,
@@ -173,6 +169,12 @@ class Trainer:
         # fused: one kernel for all 57M parameters, 5x faster than foreach on CPU
         optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay, fused=True)  # fmt: skip
+        # DDP after freezing: its reducer expects a gradient for every parameter that
+        # requires one when it is built.
+        train_model: nn.Module = model
+        if self.dist.world > 1:
+            ids = [placement.device.index] if placement.device.type == "cuda" else None
+            train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         policy = LRPolicy(optimizer, cfg.scheduler)
         early = EarlyStopping(cfg.patience, cfg.min_delta)
         start_epoch, start_step, acc = 0, 0, EpochAcc()

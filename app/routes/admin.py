@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
@@ -24,7 +25,7 @@ from app.state import AppState
 from app.storage import InUse, delete_version, purge_job
 from model.checkpoint import CheckpointError, read_card
 from model.data import DatasetError, resolve_dataset_dir
-from model.datasets import MANIFEST_FILE
+from model.datasets import MANIFEST_FILE, DatasetImportError
 from model.run import LOG_FILE, PLOT_FILE
 
 router = APIRouter(
@@ -87,14 +88,22 @@ def with_base(state: AppState, req: JobRequest) -> JobRequest:
         413: ("payload_too_large", "request body is larger than 1048576 bytes")}),
 )  # fmt: skip
 async def create_job(req: JobRequest, state: StateDep) -> JobOut:
-    check_dataset(state, req.dataset)
     if req.base is not None:
         req = with_base(state, req)
     queued = state.jobs.count("queued")
     if queued >= state.settings.max_queued_jobs:
         raise Overloaded(f"{queued} jobs are already queued; retry when one has started",
                          retry_after_s=60)  # fmt: skip
-    job = state.jobs.create(req)
+    # An imagefolder is checked and the job recorded under the dataset's lock: a deletion
+    # or replacement of it sees the job, or the job sees the dataset gone (never neither).
+    lock = (state.datasets.lock(req.dataset.split(":", 1)[1])
+            if req.dataset.startswith("imagefolder:") else contextlib.nullcontext())  # fmt: skip
+    try:
+        with lock:
+            check_dataset(state, req.dataset)
+            job = state.jobs.create(req)
+    except DatasetImportError as exc:
+        raise Conflict(str(exc)) from exc
     state.runner.wake()
     return JobOut.of(job)
 

@@ -33,7 +33,7 @@ from app.intake import read_form
 from model.checkpoint import CheckpointError, load_version
 from model.config import DATASET_RE
 from model.data import DatasetError
-from model.datasets import NAME_RE, DatasetImportError
+from model.datasets import NAME_RE, DatasetImportError, check_name
 from model.evaluation import evaluate_version
 
 router = APIRouter(
@@ -41,13 +41,12 @@ router = APIRouter(
     responses=responses(401, 503),
 )  # fmt: skip
 
-Name = Annotated[str, Path(pattern=NAME_RE.pattern, examples=["flowers"],
+Name = Annotated[str, Path(pattern=f"^{NAME_RE.pattern}$", examples=["flowers"],
                            description="letters, digits, '.', '_', '-' (1-64)")]  # fmt: skip
 
+# (Any Content-Type is taken for the raw body: the bytes say what it is.)
 _BODY = {"requestBody": {"required": True, "content": {
-    "application/zip": {"schema": {"type": "string", "format": "binary"}},
-    "application/x-tar": {"schema": {"type": "string", "format": "binary"}},
-    "application/gzip": {"schema": {"type": "string", "format": "binary"}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
         "file": {"type": "string", "format": "binary"}}}}}}}  # fmt: skip
 
@@ -127,6 +126,7 @@ async def import_dataset(
 ) -> dict[str, Any]:  # fmt: skip
     store = state.datasets
     try:
+        check_name(name)  # before a byte of the body is read
         if (store.data_dir / name).exists():
             if not replace:
                 raise DatasetImportError("exists", f"dataset {name!r} exists; import with "
@@ -134,10 +134,14 @@ async def import_dataset(
             check_not_in_use(state.jobs, name, "replace")
         main, _ = parse_options_header(request.headers.get("content-type", ""))
         ctype = main.decode("latin-1").strip().lower()
+
+        def not_in_use() -> None:  # again, under the name's lock, just before the swap
+            check_not_in_use(state.jobs, name, "replace")
+
         with store.upload_file() as f:
             source = await _receive(request, ctype, f, state.settings.max_dataset_bytes)
             manifest = await asyncio.to_thread(store.import_archive, f, name, source=source,
-                                               replace=replace)  # fmt: skip
+                                               replace=replace, guard=not_in_use)  # fmt: skip
     except DatasetImportError as exc:
         raise to_app_error(exc) from exc
     return manifest.as_json()
@@ -159,8 +163,15 @@ async def _receive(request: Request, ctype: str, f: IO[bytes], limit: int) -> st
         else:
             # The bytes decide, not the Content-Type (curl --data-binary sends
             # application/x-www-form-urlencoded unless told otherwise): not an archive is 415.
+            # Written 1 MiB at a time off the event loop.
+            pending = bytearray()
             async for chunk in request.stream():
-                f.write(chunk)
+                pending += chunk
+                if len(pending) >= 1 << 20:
+                    await asyncio.to_thread(f.write, bytes(pending))
+                    pending.clear()
+            if pending:
+                await asyncio.to_thread(f.write, bytes(pending))
             filename = ctype or "archive"
         f.flush()
         f.seek(0)
@@ -207,8 +218,8 @@ async def get_dataset(name: Name, state: StateDep) -> dict[str, Any]:
                "no queued or running job uses", responses=responses(404, 409))  # fmt: skip
 async def delete_dataset(name: Name, state: StateDep) -> DeletedDataset:
     try:
-        check_not_in_use(state.jobs, name, "delete")
-        freed = await asyncio.to_thread(state.datasets.delete, name)
+        freed = await asyncio.to_thread(
+            state.datasets.delete, name, guard=lambda: check_not_in_use(state.jobs, name, "delete"))  # fmt: skip
     except DatasetImportError as exc:
         raise to_app_error(exc) from exc
     return DeletedDataset(deleted=name, freed_bytes=freed)

@@ -71,7 +71,9 @@ def test_import_a_zip_of_class_folders_under_one_top_folder(client: TestClient) 
     # 15% of each class of 10, seeded: 2 per class; the rest is what jobs split
     assert d["splits"] == {"trainval": 24, "holdout": 6}
     assert all(per == {"trainval": 8, "holdout": 2} for per in d["per_class"].values())
-    assert d["holdout"] == {"share": 0.15, "seed": 0, "from": "drawn", "images": 6}
+    assert d["holdout"] == {"share": 0.15, "seed": 0, "from": "drawn", "images": 6,
+                            "hash": d["holdout"]["hash"]}  # fmt: skip
+    assert len(d["holdout"]["hash"]) == 64 and d["holdout"]["hash"] != d["hash"]
     skipped = {s["path"]: s["reason"] for s in d["skipped"]}
     assert set(skipped) == {"shapes/notes.txt", "shapes/circle/broken.jpg",
                             "__MACOSX/shapes/._x.jpg", "shapes/README"}  # fmt: skip
@@ -88,6 +90,7 @@ def test_import_a_zip_of_class_folders_under_one_top_folder(client: TestClient) 
                     files={"file": ("shapes.tar.gz", tar_bytes(good), "application/gzip")})  # fmt: skip
     assert r.status_code == 201, r.text
     assert r.json()["hash"] == d["hash"] and r.json()["per_class"] == d["per_class"]
+    assert r.json()["holdout"] == d["holdout"]
     assert r.json()["source"] == "upload shapes.tar.gz"
 
 
@@ -170,10 +173,47 @@ def _duplicate() -> bytes:
     return buf.getvalue()
 
 
+def _tar_bomb() -> bytes:
+    # 40 MiB of zeros in a hidden member nobody reads, ~40 KB gzipped: tarfile would
+    # decompress it silently on its way to the next header
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        info = tarfile.TarInfo(".junk")
+        info.size = 40 * 1024 * 1024
+        tf.addfile(info, io.BytesIO(bytes(info.size)))
+        for name, data in shape_images(2, 2).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _encrypted_zip() -> bytes:
+    data = bytearray(zip_bytes(shape_images(2, 3), compression=zipfile.ZIP_STORED))
+    for sig, flags_at in ((b"PK\x01\x02", 8), (b"PK\x03\x04", 6)):
+        i = data.find(sig)
+        data[i + flags_at] |= 0x1  # "encrypted"
+    return bytes(data)
+
+
+def _cut_tar(extra: bytes) -> bytes:
+    """A plain tar cut 100 bytes into its second header, then `extra`."""
+    raw = tar_bytes(shape_images(2, 3), mode="w")
+    first = len(next(iter(shape_images(2, 3).values())))
+    cut = 512 + -(-first // 512) * 512 + 100
+    return raw[:cut] + extra
+
+
+def _corrupt(data: bytes) -> bytes:
+    mid = len(data) // 2
+    return data[:mid] + bytes(b ^ 0x5A for b in data[mid : mid + 64]) + data[mid + 64 :]
+
+
 GOOD = shape_images(2, 3)
 ONE_CLASS = {k: v for k, v in shape_images(2, 3).items() if k.startswith("circle/")}
 BROKEN_CLASS = {**ONE_CLASS, "square/0.jpg": b"\xff\xd8 not really", "square/1.png": b"\x89PNG no"}
 PNG = next(iter(GOOD.values()))
+GOOD_BIG = shape_images(2, 8)
 
 
 @pytest.mark.parametrize(
@@ -183,6 +223,20 @@ PNG = next(iter(GOOD.values()))
                      id="zip-bomb"),
         pytest.param(_many_members(), "application/zip", 413, "too_many_files", "100000 members",
                      id="100000-members"),
+        pytest.param(_tar_bomb(), "application/gzip", 413, "payload_too_large", "unpacks to more",
+                     id="tar-gz-bomb"),
+        pytest.param(_encrypted_zip(), "application/zip", 400, "invalid_archive", "encrypted",
+                     id="encrypted-zip"),
+        pytest.param(_cut_tar(b""), "application/x-tar", 400, "invalid_archive", "truncated",
+                     id="tar-cut-in-a-header"),
+        pytest.param(_cut_tar(b"x" * 1024), "application/x-tar", 400, "invalid_archive",
+                     "garbage", id="tar-with-garbage"),
+        pytest.param(_corrupt(tar_bytes(GOOD_BIG, mode="w:xz")), "application/x-xz", 400,
+                     "invalid_archive", "cannot be read", id="corrupt-xz"),
+        pytest.param(_corrupt(tar_bytes(GOOD_BIG, mode="w:bz2")), "application/x-bzip2", 400,
+                     "invalid_archive", "cannot be read", id="corrupt-bz2"),
+        pytest.param(tar_bytes(GOOD)[:-4], "application/gzip", 400, "invalid_archive",
+                     "cannot be read", id="gzip-trailer-cut"),
         pytest.param(zip_bytes({**GOOD, "../evil/x.png": PNG}), "application/zip", 400,
                      "invalid_archive", "leaves the dataset", id="dot-dot"),
         pytest.param(zip_bytes({**GOOD, "circle/../../x.png": PNG}), "application/zip", 400,

@@ -45,3 +45,19 @@ def test_an_unknown_base_is_422(client: TestClient, base: str) -> None:
     r = client.post("/admin/jobs", headers=AUTH, json={"dataset": "synthetic", "base": base})
     err = assert_error(r, 422, "validation_error")
     assert "base" in str(err["message"]) or "base" in str(err["details"])
+
+
+def test_freeze_and_base_lr_scale_are_job_options(client: TestClient) -> None:
+    r = client.post("/admin/jobs", headers=AUTH, json={
+        "dataset": "synthetic", "base": "active", "freeze": "all-but-head", "base_lr_scale": 0.1})  # fmt: skip
+    assert r.status_code == 202, r.text
+    config = r.json()["config"]
+    assert config["freeze"] == "all-but-head" and config["base_lr_scale"] == 0.1
+    for bad in ({"freeze": "features"}, {"base_lr_scale": 0.5}):  # without a base
+        err = assert_error(client.post("/admin/jobs", headers=AUTH,
+                                       json={"dataset": "synthetic", **bad}), 422, "validation_error")  # fmt: skip
+        assert "give base" in str(err)
+    for bad in ({"freeze": "conv"}, {"base_lr_scale": 0}, {"base_lr_scale": 2}):
+        r = client.post("/admin/jobs", headers=AUTH, json={"dataset": "synthetic",
+                                                             "base": "active", **bad})  # fmt: skip
+        assert_error(r, 422, "validation_error")

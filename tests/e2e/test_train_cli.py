@@ -208,11 +208,13 @@ def test_fine_tune_keeps_the_base_preprocessing_and_records_lineage(
 
 def test_a_stopped_fine_tune_resumes_without_its_base(tmp_path: Path) -> None:
     """The run state remembers the preprocessing, so continuing a fine-tune needs neither
-    the base version nor the options again."""
+    the base version nor the options again; its two parameter groups (the new head at
+    --lr, the kept layers at --lr x --base-lr-scale) and features frozen come back too."""
     home, run_dir, events = tmp_path / "home", tmp_path / "run", tmp_path / "events.jsonl"
     base = make_version(home / "models", num_classes=10, image_size=96, activate=True)
     args = ["train", "--dataset", "synthetic:1200", "--epochs", "1", "--batch-size", "16",
             "--precision", "fp32", "--device", "cpu", "--workers", "0", "--base", "active",
+            "--freeze", "features", "--base-lr-scale", "0.5",
             "--run-dir", str(run_dir), "--events-file", str(events)]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=REPO,
                             env={**os.environ, "ALEXNET_HOME": str(home)},
@@ -223,7 +225,11 @@ def test_a_stopped_fine_tune_resumes_without_its_base(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-3000:]
-    assert f"fine-tuning from {base.version}; all layers kept (10 classes)" in out
+    # class_0..class_9 are not synthetic's labels: the head is new, at the same count
+    assert (
+        f"fine-tuning from {base.version} (frozen: features); last layer "
+        "re-initialised: other labels (10 classes)"
+    ) in out, out
     import shutil
 
     shutil.rmtree(home / "models" / base.version)
@@ -232,3 +238,5 @@ def test_a_stopped_fine_tune_resumes_without_its_base(tmp_path: Path) -> None:
     [card] = list_cards(home / "models")
     assert card.parent == base.version and card.image_size == 96
     assert (card.mean, card.std) == (base.mean, base.std)
+    assert card.train_config and card.train_config["freeze"] == "features"
+    assert card.train_config["base_lr_scale"] == 0.5

@@ -4,6 +4,7 @@ through the API in tests/api/test_datasets.py)."""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 from pathlib import Path
@@ -90,13 +91,13 @@ def test_pre_split_without_test_draws_the_holdout_from_train(tmp_path: Path) -> 
     assert (len(b.train), len(b.val), b.split["layout"]) == (16, 6, "pre_split")  # kept
 
 
-def test_folder_imports_refuse_links_and_limits_hold(tmp_path: Path) -> None:
+def test_folder_imports_do_not_follow_links_and_limits_hold(tmp_path: Path) -> None:
     src = write_tree(tmp_path / "src", shape_images(2, 4))
     os.symlink("/etc/passwd", src / "circle" / "x.png")
     store = DatasetStore(tmp_path / "data")
-    with pytest.raises(DatasetImportError, match="is a link") as exc:
-        store.import_folder(src, "linked")
-    assert exc.value.kind == "malformed"
+    linked = store.import_folder(src, "linked")  # (an archive's link refuses it: the API tests)
+    assert {"path": "circle/x.png", "reason": "a link: not followed"} in linked.skipped
+    assert not (tmp_path / "data" / "linked" / "circle" / "x.png").exists()
     (src / "circle" / "x.png").unlink()
     small = DatasetStore(tmp_path / "data", ImportLimits(max_files=5))
     with pytest.raises(DatasetImportError, match="more than 5") as exc:
@@ -113,5 +114,69 @@ def test_folder_imports_refuse_links_and_limits_hold(tmp_path: Path) -> None:
     m = tiny.import_folder(src, "ok")
     assert m.skipped and all("larger than 2000" in s["reason"] for s in m.skipped)
     assert store.import_folder(src, "ok2").skipped == []
-    assert sorted(store.names()) == ["ok", "ok2"]
-    assert store.delete("ok2") > 0 and store.names() == ["ok"]
+    assert sorted(store.names()) == ["linked", "ok", "ok2"]
+    assert store.delete("ok2") > 0 and store.names() == ["linked", "ok"]
+
+
+def test_copies_of_a_holdout_image_are_held_out_and_a_new_image_moves_at_most_one(
+    tmp_path: Path,
+) -> None:
+    files = shape_images(2, 20)
+    twin = files["circle/004.jpg"]
+    files |= {f"circle/copy-{i}.jpg": twin for i in range(3)} | {"square/also.jpg": twin}
+    m = DatasetStore(tmp_path / "a").import_archive(io.BytesIO(zip_bytes(files)), "d", source="t")
+    splits = {i.path: i.split for i in m.images}
+    copies = [p for p, data in files.items() if data == twin]
+    assert len({splits[p] for p in copies}) == 1, {p: splits[p] for p in copies}
+    # one more image: the holdout draw of the rest stays (content-ranked, not positional)
+    more = files | {"circle/new.png": next(iter(shape_images(1, 1, seed=77).values()))}
+    m2 = DatasetStore(tmp_path / "b").import_archive(io.BytesIO(zip_bytes(more)), "d", source="t")
+    before = {i.path for i in m.images if i.split == "holdout"}
+    after = {i.path for i in m2.images if i.split == "holdout"}
+    assert len(before ^ after) <= 2 and m.holdout["hash"] != m2.holdout["hash"]
+
+
+def test_a_full_disk_keeps_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC from any write of an import (here: the fsync of the third image; the API
+    suite fills a real tmpfs): no_space, and nothing is left."""
+    real = os.fsync
+    calls = {"n": 0}
+
+    def fsync(fd: int) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    store = DatasetStore(tmp_path)
+    with pytest.raises(DatasetImportError, match="filled up") as exc:
+        store.import_archive(io.BytesIO(zip_bytes(shape_images(2, 4))), "full", source="t")
+    assert exc.value.kind == "no_space"
+    assert store.names() == [] and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_replace_that_died_between_its_renames_is_put_back(tmp_path: Path) -> None:
+    store = DatasetStore(tmp_path)
+    m = store.import_archive(io.BytesIO(zip_bytes(shape_images(2, 4))), "ds", source="t")
+    # the state a crash between `rename(final, trash)` and `rename(new, final)` leaves
+    (tmp_path / "ds").rename(tmp_path / ".tmp-trash-ds-0123abcd")
+    (tmp_path / ".tmp-import-ds-4567cdef").mkdir()
+    (tmp_path / ".tmp-deleted-gone-89abcdef").mkdir()
+    done = store.clean_stale()
+    assert ".tmp-trash-ds-0123abcd -> ds" in done
+    assert store.get("ds").hash == m.hash and not list(tmp_path.glob(".tmp-*"))
+    # a live import's temp folder is left alone
+    (tmp_path / ".tmp-import-ds-76543210").mkdir()
+    with store.lock("ds"):
+        store.clean_stale()
+    assert (tmp_path / ".tmp-import-ds-76543210").is_dir()
+
+
+def test_a_stray_file_beside_the_class_folders_is_reported(tmp_path: Path) -> None:
+    files = shape_images(2, 4, prefix="top/") | {
+        "top/cover.jpg": next(iter(shape_images(1, 1).values()))
+    }
+    m = DatasetStore(tmp_path).import_archive(io.BytesIO(zip_bytes(files)), "t", source="t")
+    assert m.classes == ["circle", "triangle"] and len(m.images) == 8
+    assert [s["path"] for s in m.skipped] == ["top/cover.jpg"]
