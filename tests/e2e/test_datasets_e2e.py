@@ -30,7 +30,7 @@ pytestmark = pytest.mark.e2e
 CLASSES = ["circle", "square", "triangle"]
 ZIP = {**AUTH, "Content-Type": "application/zip"}
 ENV = {"ALEXNET_ADMIN_TOKEN": TOKEN, "ALEXNET_JOB_THREADS": "1", "ALEXNET_WATCH_ACTIVE_S": "0"}
-FINE_TUNE = {"dataset": "imagefolder:shapes", "base": "active", "epochs": 2, "batch_size": 16,
+FINE_TUNE = {"dataset": "imagefolder:shapes", "base": "active", "epochs": 1, "batch_size": 16,
              "workers": 0, "precision": "fp32", "lr": 0.005, "activate": "if_better"}  # fmt: skip
 
 
