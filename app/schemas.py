@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
@@ -25,12 +26,26 @@ class ModelRef(BaseModel):
     version: str = Field(examples=["20261127-031500-ab12"])
 
 
+PREDICTION_ID = Field(
+    description="this answer's id: 128 random bits in hex, unique and unguessable (the key "
+    "for feedback on it)",
+    pattern=r"^[0-9a-f]{32}$", examples=["8f14e45fceea167a5a36dedd4bea2543"],
+)  # fmt: skip
+
+
+def new_prediction_id() -> str:
+    """128 bits from the OS's CSPRNG."""
+    return secrets.token_hex(16)
+
+
 class ClassifyResponse(BaseModel):
     model: ModelRef
+    prediction_id: str = PREDICTION_ID
     predictions: list[Prediction]
 
     model_config = {"json_schema_extra": {"examples": [{
         "model": {"name": "alexnet", "version": "20261127-031500-ab12"},
+        "prediction_id": "8f14e45fceea167a5a36dedd4bea2543",
         "predictions": [{"label": "tabby", "index": 281, "probability": 0.83},
                         {"label": "tiger cat", "index": 282, "probability": 0.11}],
     }]}}  # fmt: skip
@@ -38,6 +53,8 @@ class ClassifyResponse(BaseModel):
 
 class FileResult(BaseModel):
     filename: str
+    prediction_id: str | None = Field(None, description="this file's answer's id (absent "
+                                      "for a file that got an error)", pattern=r"^[0-9a-f]{32}$")  # fmt: skip
     predictions: list[Prediction] | None = None
     error: ErrorDetail | None = None
 
@@ -49,7 +66,8 @@ class BatchResponse(BaseModel):
     model_config = {"json_schema_extra": {"examples": [{
         "model": {"name": "alexnet", "version": "20261127-031500-ab12"},
         "results": [
-            {"filename": "cat.jpg", "predictions": [
+            {"filename": "cat.jpg", "prediction_id": "8f14e45fceea167a5a36dedd4bea2543",
+             "predictions": [
                 {"label": "tabby", "index": 281, "probability": 0.83}]},
             {"filename": "notes.txt", "error": {
                 "code": "unsupported_media_type", "message": "not an accepted image format",

@@ -30,6 +30,7 @@ from app.schemas import (
     ModelRef,
     Prediction,
     multipart_body,
+    new_prediction_id,
 )
 from app.state import AppState
 from model.engine import default_top_k
@@ -157,7 +158,8 @@ async def classify(request: Request, state: StateDep, top_k: TopK = None) -> Cla
         row = await _classify_bytes(state, request, loaded, data, k, deadline)
     finally:
         await form.close()
-    return ClassifyResponse(model=_model_ref(loaded), predictions=_predictions(loaded, row))
+    return ClassifyResponse(model=_model_ref(loaded), prediction_id=new_prediction_id(),
+                            predictions=_predictions(loaded, row))  # fmt: skip
 
 
 @router.post(
@@ -193,7 +195,8 @@ async def classify_batch(request: Request, state: StateDep, top_k: TopK = None) 
                 # same label scheme as whole-request rejections (MetricsMiddleware): status
                 state.metrics.rejections.labels(str(err.status)).inc()
                 return FileResult(filename=name, error=err.body()["error"])
-            return FileResult(filename=name, predictions=_predictions(loaded, row))
+            return FileResult(filename=name, prediction_id=new_prediction_id(),
+                              predictions=_predictions(loaded, row))  # fmt: skip
 
         results = await asyncio.gather(*(one(u) for u in uploads))
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,26 @@ def test_classify_a_photo(client: TestClient, card: ModelCard, jpeg_photos: list
     probs = [p["probability"] for p in preds]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
     assert all(p["label"] == card.labels[p["index"]] for p in preds)
+    assert re.fullmatch(r"[0-9a-f]{32}", body["prediction_id"])
+
+
+def test_every_answer_has_its_own_unguessable_id(
+    client: TestClient, jpeg_photos: list[Path]
+) -> None:
+    """128 random bits per answer, the same image twice included; in a batch, one per file
+    answered and none for a file that got an error."""
+    photo = photo_bytes(jpeg_photos[0])
+    ids = [client.post("/v1/classify", files={"file": ("a.jpg", photo)}).json()["prediction_id"]
+           for _ in range(20)]  # fmt: skip
+    files = [("files", (f"{i}.jpg", photo)) for i in range(3)] + [("files", ("x.txt", b"no"))]
+    results = client.post("/v1/classify/batch", files=files).json()["results"]
+    ids += [r["prediction_id"] for r in results[:3]]
+    assert "prediction_id" not in results[3] and results[3]["error"]
+    assert len(set(ids)) == len(ids) == 23
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    # no structure to guess from: about half of all 23 x 128 bits are set
+    bits = sum(bin(int(i, 16)).count("1") for i in ids)
+    assert 0.4 < bits / (23 * 128) < 0.6
 
 
 def test_top_k(client: TestClient, jpeg_photos: list[Path]) -> None:
