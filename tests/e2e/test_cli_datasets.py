@@ -40,10 +40,12 @@ def test_import_list_show_delete(home: Path, tmp_path: Path) -> None:
         {"path": "circle/notes.txt", "reason": shown["skipped"][0]["reason"]}
     ]
 
-    # One clear line for each error: the name taken, a bad archive, a dataset in use
-    r = run_cli("datasets", "import", str(archive), "--name", "more", home=home)
-    assert r.returncode == 1 and "exists" in r.stderr and "--replace" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    # --replace swaps in the new contents (the name taken without it: the API suite)
+    archive.write_bytes(zip_bytes(shape_images(2, 5, prefix="more/")))
+    r = run_cli("datasets", "import", str(archive), "--name", "more", "--replace", "--json",
+                home=home)  # fmt: skip
+    assert r.returncode == 0 and json.loads(r.stdout)["num_classes"] == 2, r.stderr
+    # One clear line for each error: a bad archive, a dataset in use
     bad = tmp_path / "bad.zip"
     bad.write_bytes(zip_bytes({**shape_images(2, 2), "../x.png": b"x"}))
     r = run_cli("datasets", "import", str(bad), "--name", "bad", home=home)
@@ -56,6 +58,11 @@ def test_import_list_show_delete(home: Path, tmp_path: Path) -> None:
     store.close()
     r = run_cli("datasets", "delete", "more", home=home)
     assert r.returncode == 0 and r.stdout.startswith("deleted dataset more"), r.stderr
-    r = run_cli("datasets", home=home)
+    r = run_cli("datasets", home=home)  # list, the default
     assert "shapes" in r.stdout and "more" not in r.stdout
+    r = run_cli("datasets", "show", "shapes", home=home)
+    assert r.returncode == 0 and r.stdout.startswith("shapes: 2 classes, 20 images"), r.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines()[2:4]}
+    assert rows == {"circle": ["2", "8"], "triangle": ["2", "8"]}  # HOLDOUT, TRAINVAL
+    assert "skipped 1 file(s):" in r.stdout
     assert not list((home / "data").glob(".tmp-*"))
