@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.checkpoint import CheckpointError, ModelCard, load_version
+from model.checkpoint import ModelCard, load_version
 from model.data import DatasetError
 from model.device import Placement
 from model.evaluation import evaluate_version
@@ -116,6 +116,3 @@ def should_activate(
     """(activate?, why): `decide` without the numbers."""
     d = decide(policy, new, current, **kw)
     return d.activate, d.reason
-
-
-__all__ = ["CheckpointError", "Decision", "decide", "judge", "should_activate"]

@@ -418,10 +418,7 @@ def draw_holdout(files: list[tuple[str, str]], share: float, seed: int, cls: str
 def holdout_digest(images: list[Image]) -> str:
     """sha256 over the holdout's (path, file sha256) pairs: two versions were judged on the
     same holdout, and trained away from it, only if this is the same."""
-    h = hashlib.sha256()
-    for im in sorted((i for i in images if i.split == "holdout"), key=lambda i: i.path):
-        h.update(f"{im.path}\0{im.sha256}\n".encode())
-    return h.hexdigest()
+    return content_hash([i for i in images if i.split == "holdout"])
 
 
 @dataclass(frozen=True)
@@ -821,7 +818,7 @@ class DatasetStore:
         final = self.data_dir / name
         with self.lock(name):
             if final.exists() and not replace:
-                raise _exists(name)
+                raise exists_error(name)
             tmp = self.data_dir / f".tmp-import-{name}-{uuid.uuid4().hex[:8]}"
             try:
                 tmp.mkdir(parents=True)
@@ -841,7 +838,7 @@ class DatasetStore:
                 atomic_write_bytes(src / MANIFEST_FILE, manifest.to_bytes())
                 _fsync_tree(src)
                 if final.exists() and not replace:  # (made by hand meanwhile)
-                    raise _exists(name)
+                    raise exists_error(name)
                 if guard is not None:
                     guard()
                 self._swap_in(src, final, name)
@@ -902,7 +899,7 @@ class DatasetStore:
         return size
 
 
-def _exists(name: str) -> DatasetImportError:
+def exists_error(name: str) -> DatasetImportError:
     return DatasetImportError(
         "exists", f"dataset {name!r} exists; import with replace=true (CLI: --replace) to "
         "replace it, or delete it first",

@@ -33,7 +33,7 @@ from app.intake import read_form
 from model.checkpoint import CheckpointError, load_version
 from model.config import DATASET_RE
 from model.data import DatasetError
-from model.datasets import NAME_RE, DatasetImportError, check_name
+from model.datasets import NAME_RE, DatasetImportError, check_name, exists_error
 from model.evaluation import evaluate_version
 
 router = APIRouter(
@@ -129,8 +129,7 @@ async def import_dataset(
         check_name(name)  # before a byte of the body is read
         if (store.data_dir / name).exists():
             if not replace:
-                raise DatasetImportError("exists", f"dataset {name!r} exists; import with "
-                                         "?replace=true to replace it, or delete it first")  # fmt: skip
+                raise exists_error(name)
             check_not_in_use(state.jobs, name, "replace")
         main, _ = parse_options_header(request.headers.get("content-type", ""))
         ctype = main.decode("latin-1").strip().lower()
