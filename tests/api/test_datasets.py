@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
 import tarfile
 import zipfile
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from fastapi.testclient import TestClient
 from model.datasets import DatasetStore
 from tests.helpers.api import assert_error, make_client, wait_ready
 from tests.helpers.datasets import shape_images, tar_bytes, tar_entry, zip_bytes
+from tests.helpers.disks import small_tmpfs
 from tests.helpers.versions import make_version
 
 TOKEN = "datasets-token"
@@ -385,18 +385,8 @@ def test_evaluate_a_version_on_a_holdout(client: TestClient) -> None:
 @pytest.fixture
 def small_data_disk(tmp_path: Path) -> Iterator[Path]:
     """A home whose data dir is a 1 MB tmpfs."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    data = tmp_path / "data"
-    data.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(data)],
-                             capture_output=True, text=True, check=False)  # fmt: skip
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "data", "1m"):
         yield tmp_path
-    finally:
-        subprocess.run(["umount", "-l", str(data)], check=False)
 
 
 def test_the_disk_filling_up_during_extraction_is_507_and_leaves_nothing(

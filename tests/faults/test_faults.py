@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -31,6 +30,7 @@ import httpx
 import pytest
 
 from model.checkpoint import load_version, read_active
+from tests.helpers.disks import small_tmpfs
 from tests.helpers.jobs import (
     LONG,
     SMALL,
@@ -201,18 +201,8 @@ def test_server_stopped_then_killed_mid_job_interrupts_and_resumes(home: Path) -
 @pytest.fixture
 def small_disk(home: Path) -> Iterator[Path]:
     """`home/jobs` on a 32 MB tmpfs: a job's first state save (~460 MB) cannot fit."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    jobs = home / "jobs"
-    jobs.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(jobs)],
-                             capture_output=True, text=True, check=False)  # fmt: skip
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with small_tmpfs(home / "jobs", "32m") as jobs:
         yield jobs
-    finally:
-        subprocess.run(["umount", "-l", str(jobs)], check=False)
 
 
 def test_disk_full_fails_the_job_clearly_and_keeps_the_old_version(
