@@ -26,6 +26,7 @@ from model.predictor import Predictor
 
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers on top of the files
 JSON_BODY_LIMIT = 1024 * 1024  # admin request bodies
+FEEDBACK_BODY_LIMIT = 4096  # POST /v1/feedback: an id and a label
 
 
 def body_limits(max_upload_bytes: int, max_files: int,
@@ -43,6 +44,8 @@ def body_limits(max_upload_bytes: int, max_files: int,
             return batch
         if max_dataset_bytes and paths.is_dataset_upload(path):
             return dataset
+        if path == paths.FEEDBACK:
+            return FEEDBACK_BODY_LIMIT
         return JSON_BODY_LIMIT
 
     return limit_for

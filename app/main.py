@@ -31,7 +31,7 @@ from app.middleware import (
 )
 from app.presence import HEARTBEAT_S, announce, withdraw
 from app.presence import update as update_presence
-from app.routes import admin, classify, datasets, health, models
+from app.routes import admin, classify, datasets, feedback, health, models
 from app.settings import Settings
 from app.state import AppState, build_state
 
@@ -103,6 +103,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.alexnet = state
         # Imports a killed server left half-done (never a live one's: they hold a lock).
         await asyncio.to_thread(state.datasets.clean_stale)
+        if state.keeper is not None:  # what a killed writer left, before it writes again
+            await asyncio.to_thread(state.feedback.reconcile)
+            state.keeper.start()
         state.batcher.start()
         if settings.run_jobs:
             state.runner.start()
@@ -120,6 +123,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 task.cancel()
             await state.runner.stop()
             state.jobs.close()
+            if state.keeper is not None:
+                await asyncio.to_thread(state.keeper.stop)
+            state.feedback_executor.shutdown(wait=False, cancel_futures=True)
+            state.feedback.close()
             await state.batcher.stop(drain_timeout_s=min(5.0, settings.shutdown_timeout_s))
             state.decoder.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -150,6 +157,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(admin.router)
     app.include_router(datasets.router)
+    app.include_router(feedback.router)
+    app.include_router(feedback.admin)
     install_docs(app)
 
     page = resources.files("app").joinpath("static/index.html").read_text()

@@ -32,6 +32,16 @@ class Metrics:
         self.memory_returned = Counter("alexnet_memory_returned_bytes",
                                        "Freed heap memory handed back to the OS (malloc_trim)",
                                        registry=r)  # fmt: skip
+        self.feedback_kept = Counter("alexnet_feedback_kept", "Answers kept for feedback",
+                                     registry=r)  # fmt: skip
+        self.feedback_dropped = Counter(
+            "alexnet_feedback_dropped",
+            "Answers not kept for feedback, by reason: queue_full, store_full, disk_full, error",
+            ["reason"], registry=r)  # fmt: skip
+        self.feedback_labels = Counter(
+            "alexnet_feedback_labels",
+            "Labels sent back, by the version that answered and the outcome: right (its top-1), "
+            "top5 (in its top-5, not top-1), wrong", ["version", "outcome"], registry=r)  # fmt: skip
         ProcessCollector(registry=r)  # process_resident_memory_bytes, open fds, CPU seconds
 
     def set_model(self, version: str, device: str, precision: str, compiled: bool) -> None:

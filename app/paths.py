@@ -10,6 +10,7 @@ ADMIN_PREFIX: Final = "/admin"
 MODELS: Final = API_PREFIX + "/models"
 CLASSIFY: Final = API_PREFIX + "/classify"
 CLASSIFY_BATCH: Final = API_PREFIX + "/classify/batch"
+FEEDBACK: Final = API_PREFIX + "/feedback"
 UPLOADS: Final = frozenset({CLASSIFY, CLASSIFY_BATCH})
 DATASETS: Final = ADMIN_PREFIX + "/datasets"
 

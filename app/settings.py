@@ -76,6 +76,19 @@ class Settings(BaseSettings):
     # holdout by more than chance (McNemar's exact test at this level).
     promotion_alpha: float = Field(0.05, gt=0, le=1)
 
+    # Feedback (POST /v1/feedback): off by default, because it keeps what users upload.
+    # On: each accepted upload's bytes are kept (content-addressed, under
+    # $ALEXNET_HOME/feedback/) with its answer, within feedback_max_bytes; unlabelled ones
+    # go after feedback_retention_days (and oldest first past the byte budget); labelled
+    # ones stay until deleted. At most feedback_queue answers wait for the writer (the
+    # rest are not kept, and counted). feedback_token: a bearer token POST /v1/feedback
+    # needs (unset: none; it is not the admin token, end users send it).
+    feedback: bool = False
+    feedback_max_bytes: int = Field(1024**3, ge=1024)
+    feedback_retention_days: float = Field(30.0, gt=0, le=36_500)
+    feedback_queue: int = Field(1024, ge=1, le=1_000_000)
+    feedback_token: SecretStr | None = None
+
     admin_token: SecretStr | None = None
     # Training jobs: one at a time, niced, with capped threads so serving keeps its share.
     job_threads: int = Field(0, ge=0, le=1024)  # 0: all cores but one (at least one)
@@ -126,6 +139,10 @@ class Settings(BaseSettings):
     @cached_property
     def runs_dir(self) -> Path:
         return self.home / "runs"
+
+    @cached_property
+    def feedback_dir(self) -> Path:
+        return self.home / "feedback"
 
     @cached_property
     def db_path(self) -> Path:

@@ -18,6 +18,7 @@ from app.activation import decide, judge
 from app.batching import BatchStats, MicroBatcher
 from app.datasets import dataset_store
 from app.errors import ModelNotReady
+from app.feedback import TOP_K_KEPT, Answer, FeedbackKeeper, FeedbackStore
 from app.intake import Decoder
 from app.jobs.runner import JobRunner
 from app.jobs.store import Job, JobStore
@@ -34,6 +35,8 @@ from model.predictor import Row
 
 log = logging.getLogger(__name__)
 
+FEEDBACK_QUEUE_BYTES = 128 * 1024**2  # uploads waiting for the feedback writer, at most
+
 
 @dataclass
 class AppState:
@@ -46,6 +49,13 @@ class AppState:
     jobs: JobStore
     runner: JobRunner
     datasets: DatasetStore
+    feedback: FeedbackStore
+    keeper: FeedbackKeeper | None = None  # ALEXNET_FEEDBACK=true: keeps answers
+    # Label writes (POST /v1/feedback) on a thread of their own, and how many wait for it.
+    feedback_executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="feedback-labels")
+    )
+    feedback_writes: int = 0
     started_at: float = field(default_factory=time.time)
     status: str = "starting"  # starting | loading | bootstrapping | ready | no_model
     status_detail: str = ""
@@ -82,6 +92,16 @@ class AppState:
         if job.status in ("failed", "cancelled", "interrupted"):
             return f"the built-in model's training job {job.id} is {job.status}: {job.error or ''}"
         return f"training job {job.id} for the built-in model is {job.status}"
+
+    def answer_top_k(self, loaded: LoadedModel, top_k: int) -> int:
+        """The top-k to compute: the client's, or at least the top-5 kept for feedback."""
+        return max(top_k, min(TOP_K_KEPT, loaded.card.num_classes)) if self.keeper else top_k
+
+    def keep(self, prediction_id: str, data: bytes, loaded: LoadedModel, row: Row) -> None:
+        """Offer an answer to the feedback writer (never blocks; dropped when full)."""
+        if self.keeper is not None:
+            self.keeper.offer(Answer(prediction_id, data, loaded.version, loaded.card.labels,
+                                     row[:TOP_K_KEPT]))  # fmt: skip
 
     def warmup_sizes(self) -> tuple[int, ...]:
         return tuple(
@@ -215,8 +235,22 @@ def build_state(settings: Settings) -> AppState:
         threads=settings.effective_job_threads, nice=settings.job_nice,
         stop_timeout_s=settings.shutdown_timeout_s, keep_job_state=settings.keep_job_state,
     )  # fmt: skip
+    feedback = FeedbackStore(settings.feedback_dir, settings.db_path,
+                             max_bytes=settings.feedback_max_bytes,
+                             retention_s=settings.feedback_retention_days * 86_400,
+                             holdout_share=settings.holdout_split)  # fmt: skip
+    keeper = None
+    if settings.feedback:
+
+        def counted(kept: int, dropped: dict[str, int]) -> None:
+            metrics.feedback_kept.inc(kept)
+            for reason, n in dropped.items():
+                metrics.feedback_dropped.labels(reason).inc(n)
+
+        keeper = FeedbackKeeper(feedback, max_items=settings.feedback_queue,
+                                max_bytes=FEEDBACK_QUEUE_BYTES, on_result=counted)  # fmt: skip
     state = AppState(settings, registry, metrics, placement, batcher, decoder, jobs, runner,
-                     dataset_store(settings),
+                     dataset_store(settings), feedback, keeper,
                      trimmer=MemoryTrimmer(settings.memory_trim_s, metrics.memory_returned.inc))  # fmt: skip
     runner.on_success = state.on_job_success
     return state

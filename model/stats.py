@@ -53,3 +53,25 @@ def paired(candidate: Sequence[bool], other: Sequence[bool]) -> PairedResult:
     b = sum(1 for x, y in zip(candidate, other, strict=True) if x and not y)
     c = sum(1 for x, y in zip(candidate, other, strict=True) if y and not x)
     return PairedResult(len(candidate), sum(candidate), sum(other), b, c)
+
+
+def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float | None, float | None]:
+    """The Wilson score interval for k successes in n trials (95% by default): unlike the
+    normal approximation it stays inside [0, 1] and is honest for small n and rates near 0
+    or 1. (None, None) when n is 0."""
+    if n <= 0:
+        return None, None
+    if not 0 <= k <= n:
+        raise ValueError(f"{k} successes in {n} trials")
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def pooled(results: Sequence[PairedResult]) -> PairedResult:
+    """Several paired results on disjoint image sets as one (their counts summed)."""
+    return PairedResult(sum(r.n for r in results), sum(r.candidate_correct for r in results),
+                        sum(r.other_correct for r in results), sum(r.b for r in results),
+                        sum(r.c for r in results))  # fmt: skip

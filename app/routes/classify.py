@@ -155,11 +155,14 @@ async def classify(request: Request, state: StateDep, top_k: TopK = None) -> Cla
             raise ValidationFailed("file: a multipart file field named 'file' is required",
                                    details=[{"loc": ["body", "file"], "msg": "Field required"}])  # fmt: skip
         data = await read_upload(upload, state.settings.max_upload_bytes)
-        row = await _classify_bytes(state, request, loaded, data, k, deadline)
+        row = await _classify_bytes(state, request, loaded, data,
+                                    state.answer_top_k(loaded, k), deadline)  # fmt: skip
     finally:
         await form.close()
-    return ClassifyResponse(model=_model_ref(loaded), prediction_id=new_prediction_id(),
-                            predictions=_predictions(loaded, row))  # fmt: skip
+    pid = new_prediction_id()
+    state.keep(pid, data, loaded, row)
+    return ClassifyResponse(model=_model_ref(loaded), prediction_id=pid,
+                            predictions=_predictions(loaded, row[:k]))  # fmt: skip
 
 
 @router.post(
@@ -190,13 +193,16 @@ async def classify_batch(request: Request, state: StateDep, top_k: TopK = None) 
             name = upload.filename or "file"
             try:
                 data = await read_upload(upload, state.settings.max_upload_bytes)
-                row = await _classify_bytes(state, request, loaded, data, k, deadline)
+                row = await _classify_bytes(state, request, loaded, data,
+                                            state.answer_top_k(loaded, k), deadline)  # fmt: skip
             except AppError as err:
                 # same label scheme as whole-request rejections (MetricsMiddleware): status
                 state.metrics.rejections.labels(str(err.status)).inc()
                 return FileResult(filename=name, error=err.body()["error"])
-            return FileResult(filename=name, prediction_id=new_prediction_id(),
-                              predictions=_predictions(loaded, row))  # fmt: skip
+            pid = new_prediction_id()
+            state.keep(pid, data, loaded, row)
+            return FileResult(filename=name, prediction_id=pid,
+                              predictions=_predictions(loaded, row[:k]))  # fmt: skip
 
         results = await asyncio.gather(*(one(u) for u in uploads))
     finally:

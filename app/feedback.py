@@ -1,0 +1,613 @@
+"""Feedback on answers (ALEXNET_FEEDBACK=true): what was classified, kept content-addressed,
+the labels users send back, live accuracy per version, and labelled snapshots for training.
+
+On disk, under `$ALEXNET_HOME/feedback/`:
+
+- `blobs/<sha[:2]>/<sha256>`: each accepted upload's bytes, once per content (written to
+  `tmp/` and renamed in, so a blob is whole or absent);
+- the records, in SQLite beside the jobs (`alexnet.db`): `feedback` (one row per answer:
+  prediction id, blob hash, answering version, its top-5, time; the label, when it was
+  given, and the split it was assigned to at its first labelling), `feedback_labels` (every
+  label ever sent: the history), `feedback_blobs` (hash and size), `feedback_versions`
+  (each answering version's labels, so labels are checked after the version is gone).
+
+Writes happen on one writer thread fed by a bounded queue (`FeedbackKeeper`): the request
+path only offers the item, and an item the queue or the disk cannot take is not kept and
+counted. A blob is renamed in before its record commits; a kill between the two leaves a
+blob without a record, which `reconcile` (at start) removes, as it removes records whose
+blob is missing or of the wrong size. Unlabelled items go after the retention period and
+oldest first when the store is over its byte budget; labelled items stay until deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import queue
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from model.datasets import MANIFEST_FILE, Image, Manifest, content_hash, holdout_digest
+from model.files import atomic_write_bytes, fsync_dir
+from model.images import sniff_format
+from model.stats import wilson
+
+log = logging.getLogger(__name__)
+
+Split = Literal["train", "holdout"]
+TOP_K_KEPT: Final = 5  # each answer's top-5 is kept, whatever top_k the client asked for
+SNAPSHOTS: Final = ".feedback"  # under the data dir: data/.feedback/<id>/ (feedback:<id>)
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS feedback (
+    prediction_id TEXT PRIMARY KEY,
+    sha256 TEXT NOT NULL,
+    version TEXT NOT NULL,
+    predictions TEXT NOT NULL,
+    predicted TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    label TEXT,
+    labelled_at REAL,
+    split TEXT
+);
+CREATE INDEX IF NOT EXISTS feedback_created ON feedback (label, created_at);
+CREATE INDEX IF NOT EXISTS feedback_sha ON feedback (sha256);
+CREATE INDEX IF NOT EXISTS feedback_version ON feedback (version);
+CREATE TABLE IF NOT EXISTS feedback_labels (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    prediction_id TEXT NOT NULL,
+    label TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS feedback_labels_id ON feedback_labels (prediction_id);
+CREATE TABLE IF NOT EXISTS feedback_blobs (
+    sha256 TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS feedback_versions (
+    version TEXT PRIMARY KEY,
+    labels TEXT NOT NULL
+);
+"""
+
+
+class FeedbackError(Exception):
+    """kind: not_found | bad_label | busy."""
+
+    def __init__(self, kind: str, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.kind, self.message, self.details = kind, message, details
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One answer to keep: the upload's bytes and what the version said."""
+
+    prediction_id: str
+    data: bytes
+    version: str
+    labels: list[str]  # the version's labels (kept once per version)
+    top: list[tuple[int, float]]  # (index, probability), best first, up to TOP_K_KEPT
+    created_at: float = field(default_factory=time.time)
+
+
+def holdout_rank(sha256: str) -> float:
+    """Where content ranks in [0, 1): below the holdout share goes to the holdout. A hash of
+    the content, so every copy of an image lands in the same split."""
+    h = hashlib.sha256(b"alexnet-feedback-holdout:" + sha256.encode()).hexdigest()
+    return int(h[:13], 16) / 16**13
+
+
+class FeedbackStore:
+    """The kept answers and their labels (thread-safe; one SQLite connection)."""
+
+    def __init__(self, root: Path, db_path: Path, *, max_bytes: int, retention_s: float,
+                 holdout_share: float) -> None:  # fmt: skip
+        self.root, self.max_bytes, self.retention_s = root, max_bytes, retention_s
+        self.holdout_share = holdout_share
+        self.blobs, self.tmp = root / "blobs", root / "tmp"  # made at the first write
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None,
+                                   timeout=10.0)  # fmt: skip
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        self._versions: set[str] = set()
+        self._labels: dict[str, list[str]] = {}
+        self.bytes = self._total_bytes()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _total_bytes(self) -> int:
+        return int(self._query("SELECT COALESCE(SUM(size), 0) FROM feedback_blobs")[0][0])
+
+    def blob_path(self, sha: str) -> Path:
+        return self.blobs / sha[:2] / sha
+
+    # -- keeping (the writer thread)
+
+    def keep(self, answers: list[Answer]) -> tuple[int, dict[str, int]]:
+        """Write the answers' blobs, then their records in one transaction. Returns (kept,
+        {reason: dropped}); reasons: store_full (over ALEXNET_FEEDBACK_MAX_BYTES with
+        nothing unlabelled left to drop), disk_full."""
+        dropped: dict[str, int] = {}
+        rows: list[tuple[Answer, str, int]] = []
+        new_blobs: dict[str, int] = {}
+        for a in answers:
+            sha = hashlib.sha256(a.data).hexdigest()
+            size = len(a.data)
+            known = sha in new_blobs or bool(self._query(
+                "SELECT 1 FROM feedback_blobs WHERE sha256 = ?", (sha,)))  # fmt: skip
+            if not known:
+                if self.bytes + size > self.max_bytes and not self._make_room(size):
+                    dropped["store_full"] = dropped.get("store_full", 0) + 1
+                    continue
+                try:
+                    self._write_blob(sha, a.data)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    dropped["disk_full"] = dropped.get("disk_full", 0) + 1
+                    continue
+                new_blobs[sha] = size
+                self.bytes += size
+            rows.append((a, sha, size))
+        now = time.time()
+        with self._tx() as db:
+            db.executemany("INSERT OR IGNORE INTO feedback_blobs (sha256, size, created_at) "
+                           "VALUES (?, ?, ?)", [(s, n, now) for s, n in new_blobs.items()])  # fmt: skip
+            for a, sha, _size in rows:
+                if a.version not in self._versions:
+                    db.execute("INSERT OR IGNORE INTO feedback_versions VALUES (?, ?)",
+                               (a.version, json.dumps(a.labels)))  # fmt: skip
+                    self._versions.add(a.version)
+                top = [[i, round(p, 6)] for i, p in a.top[:TOP_K_KEPT]]
+                db.execute(
+                    "INSERT OR IGNORE INTO feedback (prediction_id, sha256, version, "
+                    "predictions, predicted, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (a.prediction_id, sha, a.version, json.dumps(top),
+                     a.labels[a.top[0][0]] if a.top else "", a.created_at),
+                )  # fmt: skip
+        return len(rows), dropped
+
+    def _write_blob(self, sha: str, data: bytes) -> None:
+        final = self.blob_path(sha)
+        if final.is_file():
+            return
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(exist_ok=True)
+        tmp = self.tmp / f"{sha}.{uuid.uuid4().hex[:8]}"
+        try:
+            with tmp.open("wb") as f:
+                f.write(data)
+            tmp.replace(final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _make_room(self, size: int) -> bool:
+        """Drop the oldest unlabelled answers until `size` more bytes fit."""
+        while self.bytes + size > self.max_bytes:
+            old = self._query("SELECT prediction_id FROM feedback WHERE label IS NULL "
+                              "ORDER BY created_at LIMIT 64")  # fmt: skip
+            if not old:
+                return False
+            for r in old:  # one at a time: no more than room needs
+                self._delete_ids([r[0]])
+                if self.bytes + size <= self.max_bytes:
+                    break
+        return True
+
+    def _delete_ids(self, ids: list[str]) -> int:
+        """Delete these answers, their label history, and blobs no answer uses any more;
+        the bytes freed."""
+        if not ids:
+            return 0
+        one = [(i,) for i in ids]
+        with self._tx() as db:
+            shas: set[str] = set()
+            for i in ids:
+                row = db.execute("SELECT sha256 FROM feedback WHERE prediction_id = ?", (i,))
+                shas.update(r[0] for r in row)
+            db.executemany("DELETE FROM feedback WHERE prediction_id = ?", one)
+            db.executemany("DELETE FROM feedback_labels WHERE prediction_id = ?", one)
+            unused = [s for s in shas if db.execute(
+                "SELECT 1 FROM feedback WHERE sha256 = ? LIMIT 1", (s,)).fetchone() is None]  # fmt: skip
+            sizes = {}
+            for sha in unused:
+                row = db.execute("SELECT size FROM feedback_blobs WHERE sha256 = ?", (sha,))
+                sizes[sha] = (row.fetchone() or (0,))[0]
+                db.execute("DELETE FROM feedback_blobs WHERE sha256 = ?", (sha,))
+        # Records first, then files: a kill between leaves an orphan blob, which reconcile
+        # removes, never a record without its image.
+        for s in unused:
+            self.blob_path(s).unlink(missing_ok=True)
+        freed = sum(sizes.values())
+        self.bytes -= freed
+        return freed
+
+    def expire(self, now: float | None = None) -> int:
+        """Drop unlabelled answers older than the retention period; how many."""
+        cutoff = (now or time.time()) - self.retention_s
+        n = 0
+        while True:
+            old = self._query("SELECT prediction_id FROM feedback WHERE label IS NULL AND "
+                              "created_at < ? LIMIT 500", (cutoff,))  # fmt: skip
+            if not old:
+                return n
+            self._delete_ids([r[0] for r in old])
+            n += len(old)
+
+    def reconcile(self) -> dict[str, int]:
+        """After a crash (at start, before the writer runs): temp files removed, blobs
+        without a record removed, records whose blob is missing or the wrong size removed."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        known = {r[0]: r[1] for r in self._query("SELECT sha256, size FROM feedback_blobs")}
+        used = {r[0] for r in self._query("SELECT DISTINCT sha256 FROM feedback")}
+        orphans = 0
+        on_disk: dict[str, int] = {}
+        for p in self.blobs.glob("*/*"):
+            size = p.stat().st_size
+            if p.name not in known or p.name not in used or known[p.name] != size:
+                p.unlink(missing_ok=True)
+                orphans += 1
+            else:
+                on_disk[p.name] = size
+        gone = [s for s in known if s not in on_disk]
+        dangling = 0
+        if gone:
+            with self._tx() as db:
+                for s in gone:
+                    dangling += db.execute("DELETE FROM feedback WHERE sha256 = ?", (s,)).rowcount
+                    db.execute("DELETE FROM feedback_blobs WHERE sha256 = ?", (s,))
+                db.execute("DELETE FROM feedback_labels WHERE prediction_id NOT IN "
+                           "(SELECT prediction_id FROM feedback)")  # fmt: skip
+        self.bytes = self._total_bytes()
+        if orphans or dangling:
+            log.warning("feedback: removed %d blob(s) without a record and %d record(s) "
+                        "without their blob (left by a crash)", orphans, dangling)  # fmt: skip
+        return {"orphan_blobs": orphans, "dangling_records": dangling}
+
+    # -- labels
+
+    def version_labels(self, version: str) -> list[str] | None:
+        """The labels of a version that answered (kept with its first answer)."""
+        labels = self._labels.get(version)
+        if labels is None:
+            rows = self._query("SELECT labels FROM feedback_versions WHERE version = ?",
+                               (version,))  # fmt: skip
+            if not rows:
+                return None
+            labels = self._labels[version] = json.loads(rows[0][0])
+        return labels
+
+    def get(self, prediction_id: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM feedback WHERE prediction_id = ?", (prediction_id,))
+        return self._item(rows[0]) if rows else None
+
+    def label(self, prediction_id: str, label: str) -> dict[str, Any]:
+        """Record `label` for an answer (replacing an earlier one; the history keeps both).
+        The split is drawn at the first labelling and never changes. Raises FeedbackError."""
+        item = self.get(prediction_id)
+        if item is None:
+            raise FeedbackError("not_found", f"no kept answer {prediction_id}: unknown, "
+                                "expired (unlabelled answers are kept for "
+                                "ALEXNET_FEEDBACK_RETENTION_DAYS), deleted, or never kept")  # fmt: skip
+        labels = self.version_labels(item["version"]) or []
+        if label not in labels:
+            import difflib
+
+            close = difflib.get_close_matches(label, labels, n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise FeedbackError(
+                "bad_label",
+                f"label: {label[:100]!r} is not one of the {len(labels)} labels of version "
+                f"{item['version']}, which gave this answer{hint} (GET /v1/models/active "
+                "lists the served version's labels; the details list this one's)",
+                details={"version": item["version"], "labels": labels},
+            )
+        now = time.time()
+        with self._tx() as db:
+            split = item["split"]
+            if split is None:
+                same = db.execute("SELECT split FROM feedback WHERE sha256 = ? AND split IS "
+                                  "NOT NULL LIMIT 1", (item["sha256"],)).fetchone()  # fmt: skip
+                split = (
+                    same[0]
+                    if same
+                    else (
+                        "holdout" if holdout_rank(item["sha256"]) < self.holdout_share else "train"
+                    )
+                )
+            db.execute("UPDATE feedback SET label = ?, labelled_at = ?, split = ? WHERE "
+                       "prediction_id = ?", (label, now, split, prediction_id))  # fmt: skip
+            db.execute("INSERT INTO feedback_labels (prediction_id, label, at) VALUES (?, ?, ?)",
+                       (prediction_id, label, now))  # fmt: skip
+        out = self.get(prediction_id)
+        assert out is not None
+        return out
+
+    def history(self, prediction_id: str) -> list[dict[str, Any]]:
+        return [{"label": r["label"], "at": r["at"]} for r in self._query(
+            "SELECT label, at FROM feedback_labels WHERE prediction_id = ? ORDER BY id",
+            (prediction_id,))]  # fmt: skip
+
+    @staticmethod
+    def _item(row: sqlite3.Row) -> dict[str, Any]:
+        d = dict(row)
+        d["predictions"] = [tuple(p) for p in json.loads(d["predictions"])]
+        return d
+
+    # -- reading
+
+    def summary(self) -> dict[str, Any]:
+        """Counts, per label, the confusion (largest cells first) and live accuracy per
+        version (top-1 and top-5 with 95% Wilson intervals)."""
+        q = self._query
+        kept = q("SELECT COUNT(*), COUNT(label) FROM feedback")[0]
+        per_label = {r[0]: r[1] for r in q("SELECT label, COUNT(*) FROM feedback WHERE label "
+                                           "IS NOT NULL GROUP BY label ORDER BY 2 DESC, 1")}  # fmt: skip
+        splits = {r[0]: r[1] for r in q("SELECT split, COUNT(*) FROM feedback WHERE label IS "
+                                        "NOT NULL GROUP BY split")}  # fmt: skip
+        confusion = [{"predicted": r[0], "label": r[1], "count": r[2]} for r in q(
+            "SELECT predicted, label, COUNT(*) FROM feedback WHERE label IS NOT NULL GROUP BY "
+            "predicted, label ORDER BY 3 DESC, 1, 2 LIMIT 100")]  # fmt: skip
+        versions = []
+        for v in q("SELECT DISTINCT version FROM feedback WHERE label IS NOT NULL ORDER BY 1"):
+            versions.append(self.accuracy(v[0]))
+        return {
+            "kept": kept[0], "labelled": kept[1], "unlabelled": kept[0] - kept[1],
+            "bytes": self.bytes, "max_bytes": self.max_bytes, "per_label": per_label,
+            "splits": {"train": splits.get("train", 0), "holdout": splits.get("holdout", 0)},
+            "confusion": confusion, "versions": versions,
+        }  # fmt: skip
+
+    def accuracy(self, version: str) -> dict[str, Any]:
+        labels = self.version_labels(version) or []
+        index = {lab: i for i, lab in enumerate(labels)}
+        n = top1 = top5 = 0
+        for r in self._query("SELECT predictions, label FROM feedback WHERE version = ? AND "
+                             "label IS NOT NULL", (version,)):  # fmt: skip
+            top = [p[0] for p in json.loads(r[0])]
+            want = index.get(r[1])
+            n += 1
+            top1 += bool(top) and top[0] == want
+            top5 += want in top[:TOP_K_KEPT]
+        return {"version": version, "labelled": n,
+                "top1": _rate(top1, n), "top5": _rate(top5, n)}  # fmt: skip
+
+    def items(self, *, label: str | None = None, version: str | None = None,
+              wrong: bool = False, labelled: bool | None = None, limit: int = 50,
+              offset: int = 0) -> tuple[list[dict[str, Any]], int]:  # fmt: skip
+        """Answers, newest first, filtered; and how many match."""
+        where, args = ["1"], []
+        if label is not None:
+            where.append("label = ?")
+            args.append(label)
+        if version is not None:
+            where.append("version = ?")
+            args.append(version)
+        if wrong:
+            where.append("label IS NOT NULL AND label != predicted")
+        if labelled is not None:
+            where.append("label IS NOT NULL" if labelled else "label IS NULL")
+        cond = " AND ".join(where)  # fixed clauses; the values are bound
+        count = "SELECT COUNT(*) FROM feedback WHERE " + cond  # noqa: S608
+        page = ("SELECT * FROM feedback WHERE " + cond  # noqa: S608
+                + " ORDER BY created_at DESC, prediction_id LIMIT ? OFFSET ?")  # fmt: skip
+        total = self._query(count, tuple(args))[0][0]
+        rows = self._query(page, (*args, limit, offset))
+        return [self._item(r) for r in rows], int(total)
+
+    def image(self, prediction_id: str) -> tuple[Path, str]:
+        """The kept upload's file and its media type. Raises FeedbackError(not_found)."""
+        item = self.get(prediction_id)
+        path = self.blob_path(item["sha256"]) if item else None
+        if item is None or path is None or not path.is_file():
+            raise FeedbackError("not_found", f"no kept answer {prediction_id}")
+        with path.open("rb") as f:
+            fmt = sniff_format(f.read(32))
+        return path, f"image/{(fmt or 'octet-stream').lower()}"
+
+    def delete(self, prediction_id: str) -> int:
+        """Forget one answer (its image too, unless another answer has the same bytes)."""
+        if self.get(prediction_id) is None:
+            raise FeedbackError("not_found", f"no kept answer {prediction_id}")
+        return self._delete_ids([prediction_id])
+
+    def purge(self, older_than_s: float, *, now: float | None = None) -> tuple[int, int]:
+        """Forget every answer (labelled or not) older than `older_than_s`: (count, bytes)."""
+        cutoff = (now or time.time()) - older_than_s
+        n = freed = 0
+        while True:
+            rows = self._query("SELECT prediction_id FROM feedback WHERE created_at < ? "
+                               "LIMIT 500", (cutoff,))  # fmt: skip
+            if not rows:
+                return n, freed
+            freed += self._delete_ids([r[0] for r in rows])
+            n += len(rows)
+
+    # -- training data
+
+    def labelled(self, labels: list[str], splits: tuple[Split, ...]) -> list[dict[str, Any]]:
+        """Labelled answers whose label is one of `labels`, in `splits` (oldest first)."""
+        rows = self._query("SELECT f.*, b.size FROM feedback f JOIN feedback_blobs b USING "
+                           "(sha256) WHERE f.label IS NOT NULL ORDER BY f.labelled_at, "
+                           "f.prediction_id")  # fmt: skip
+        wanted = set(labels)
+        return [self._item(r) for r in rows if r["label"] in wanted and r["split"] in splits]
+
+    def snapshot(self, dest: Path, labels: list[str], *,
+                 splits: tuple[Split, ...] = ("train", "holdout")) -> Manifest:  # fmt: skip
+        """Labelled feedback as a dataset folder a job reads (`feedback:<dest.name>`): the
+        images hard-linked (copied across file systems) into `dest/images/`, a manifest with
+        `labels` as its classes in that order (a fine-tune keeps its base's head) and each
+        item's own split: train -> the pool a job splits into train/val, holdout -> the
+        holdout. Written beside `dest` and renamed in. Deleting an answer later leaves the
+        snapshot's copy to the job reading it."""
+        items = self.labelled(labels, splits)
+        index = {lab: i for i, lab in enumerate(labels)}
+        tmp = dest.parent / f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}"
+        (tmp / "images").mkdir(parents=True)
+        try:
+            seen: set[tuple[str, str]] = set()
+            images = []
+            for it in items:
+                key = (it["sha256"], it["label"])
+                if key in seen:
+                    continue
+                seen.add(key)
+                rel = f"images/{it['sha256']}"
+                target = tmp / rel
+                if not target.exists():
+                    src = self.blob_path(it["sha256"])
+                    try:
+                        os.link(src, target)
+                    except FileNotFoundError:
+                        continue  # deleted meanwhile
+                    except OSError:
+                        shutil.copyfile(src, target)
+                images.append(Image(rel, index[it["label"]],
+                                    "holdout" if it["split"] == "holdout" else "trainval",
+                                    it["sha256"], it["size"]))  # fmt: skip
+            images.sort(key=lambda i: (i.path, i.label))
+            n_held = sum(i.split == "holdout" for i in images)
+            man = Manifest(
+                name=dest.name, classes=list(labels), images=images, layout="class_folders",
+                holdout={"share": self.holdout_share, "seed": None, "from": "feedback",
+                         "images": n_held, "hash": holdout_digest(images)},
+                skipped=[], source=f"labelled feedback: {len(images)} image(s)",
+                created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                hash=content_hash(images), total_bytes=sum(i.size for i in images),
+            )  # fmt: skip
+            atomic_write_bytes(tmp / MANIFEST_FILE, man.to_bytes())
+            if dest.exists():
+                shutil.rmtree(dest)
+            tmp.rename(dest)
+            fsync_dir(dest.parent)
+            return man
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rate(k: int, n: int) -> dict[str, Any]:
+    low, high = wilson(k, n)
+    return {"correct": k, "accuracy": k / n if n else None, "low": low, "high": high}
+
+
+class FeedbackKeeper:
+    """The bounded queue between the request path and the store's writer thread. `offer`
+    never blocks: an answer the queue cannot take (by count or bytes) is dropped and
+    counted."""
+
+    def __init__(self, store: FeedbackStore, *, max_items: int, max_bytes: int,
+                 on_result: Callable[[int, dict[str, int]], None] | None = None,
+                 expire_every_s: float = 60.0) -> None:  # fmt: skip
+        self.store, self.max_bytes = store, max_bytes
+        self._q: queue.Queue[Answer | None] = queue.Queue(maxsize=max_items)
+        self._queued_bytes = 0
+        self._bytes_lock = threading.Lock()
+        self._pending: dict[str, threading.Event] = {}
+        self.on_result = on_result or (lambda kept, dropped: None)
+        self.expire_every_s = expire_every_s
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="feedback-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self._thread is None:
+            return
+        with contextlib.suppress(queue.Full):
+            self._q.put(None, timeout=timeout_s)
+        self._thread.join(timeout_s)
+        self._thread = None
+
+    def offer(self, answer: Answer) -> bool:
+        size = len(answer.data)
+        with self._bytes_lock:
+            if self._queued_bytes + size > self.max_bytes:
+                self.on_result(0, {"queue_full": 1})
+                return False
+            self._queued_bytes += size
+        event = threading.Event()
+        self._pending[answer.prediction_id] = event
+        try:
+            self._q.put_nowait(answer)
+        except queue.Full:
+            with self._bytes_lock:
+                self._queued_bytes -= size
+            self._pending.pop(answer.prediction_id, None)
+            self.on_result(0, {"queue_full": 1})
+            return False
+        return True
+
+    def wait_written(self, prediction_id: str, timeout_s: float) -> None:
+        """Block until an answer still in the queue is written (or not kept); at once for
+        any other id."""
+        event = self._pending.get(prediction_id)
+        if event is not None:
+            event.wait(timeout_s)
+
+    def _run(self) -> None:
+        last_expire = 0.0
+        while True:
+            batch = [self._q.get()]
+            while len(batch) < 64 and batch[-1] is not None:
+                try:
+                    batch.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            stop = batch[-1] is None
+            answers = [a for a in batch if a is not None]
+            try:
+                if answers:
+                    kept, dropped = self.store.keep(answers)
+                    self.on_result(kept, dropped)
+                if time.monotonic() - last_expire > self.expire_every_s:
+                    last_expire = time.monotonic()
+                    self.store.expire()
+            except Exception:  # the writer must outlive whatever one batch does
+                log.exception("feedback: could not keep %d answer(s)", len(answers))
+                self.on_result(0, {"error": len(answers)})
+            finally:
+                with self._bytes_lock:
+                    self._queued_bytes -= sum(len(a.data) for a in answers)
+                for a in answers:
+                    ev = self._pending.pop(a.prediction_id, None)
+                    if ev is not None:
+                        ev.set()
+            if stop:
+                return

@@ -1,0 +1,211 @@
+"""app/feedback.py: the store (content-addressed blobs, records, labels and their history,
+splits drawn once, retention, the byte budget, reconciliation after a crash, snapshots)
+and the keeper's bounded queue; and model/stats.py's Wilson interval."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from app.feedback import Answer, FeedbackError, FeedbackKeeper, FeedbackStore, holdout_rank
+from model.datasets import Manifest
+from model.stats import PairedResult, pooled, wilson
+from tests.helpers.datasets import shape_images
+
+LABELS = ["circle", "square", "triangle"]
+
+
+def store(tmp_path: Path, **kw: float) -> FeedbackStore:
+    opts = {"max_bytes": 10**9, "retention_s": 3600.0, "holdout_share": 0.5, **kw}
+    return FeedbackStore(tmp_path / "feedback", tmp_path / "alexnet.db", **opts)  # type: ignore[arg-type]
+
+
+def answer(
+    pid: str, data: bytes, top: int = 0, version: str = "v1", at: float | None = None
+) -> Answer:
+    return Answer(pid.ljust(32, "0"), data, version, LABELS, [(top, 0.9), ((top + 1) % 3, 0.1)],
+                  created_at=at or time.time())  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def images() -> list[bytes]:
+    return [data for _, data in sorted(shape_images(3, 4).items())]
+
+
+def blobs(s: FeedbackStore) -> list[Path]:
+    return sorted(s.blobs.glob("*/*"))
+
+
+def test_kept_content_addressed_and_deduplicated(tmp_path: Path, images: list[bytes]) -> None:
+    s = store(tmp_path)
+    kept, dropped = s.keep([answer("a", images[0]), answer("b", images[0]), answer("c", images[1])])
+    assert (kept, dropped) == (3, {})
+    assert [p.name for p in blobs(s)] == sorted(hashlib.sha256(d).hexdigest() for d in images[:2])
+    assert s.bytes == len(images[0]) + len(images[1])
+    item = s.get("a".ljust(32, "0"))
+    assert item is not None and item["version"] == "v1" and item["predicted"] == "circle"
+    assert item["predictions"][0] == (0, 0.9) and item["label"] is None
+    # deleting one of two answers with the same bytes keeps the image for the other
+    s.delete("a".ljust(32, "0"))
+    assert len(blobs(s)) == 2 and s.image("b".ljust(32, "0"))[1] in ("image/png", "image/jpeg")
+    freed = s.delete("b".ljust(32, "0"))
+    assert freed == len(images[0]) and len(blobs(s)) == 1
+    with pytest.raises(FeedbackError) as err:
+        s.delete("b".ljust(32, "0"))
+    assert err.value.kind == "not_found"
+
+
+def test_labels_replace_keep_history_and_the_split_never_moves(
+    tmp_path: Path, images: list[bytes]
+) -> None:
+    s = store(tmp_path, holdout_share=0.5)
+    pid = "a".ljust(32, "0")
+    s.keep([answer("a", images[0]), answer("b", images[0])])
+    first = s.label(pid, "square")
+    assert first["label"] == "square" and first["split"] in ("train", "holdout")
+    want = "holdout" if holdout_rank(hashlib.sha256(images[0]).hexdigest()) < 0.5 else "train"
+    assert first["split"] == want
+    s.holdout_share = 1.0 if want == "train" else 0.0  # a share that would draw the other
+    again = s.label(pid, "triangle")
+    assert again["label"] == "triangle" and again["split"] == first["split"]
+    assert [h["label"] for h in s.history(pid)] == ["square", "triangle"]
+    # a copy of the same image labelled later joins the same split whatever the share now
+    assert s.label("b".ljust(32, "0"), "circle")["split"] == first["split"]
+    with pytest.raises(FeedbackError) as err:
+        s.label(pid, "squar")
+    assert err.value.kind == "bad_label" and "'square'" in err.value.message
+    assert err.value.details["labels"] == LABELS
+    with pytest.raises(FeedbackError) as err:
+        s.label("f" * 32, "square")
+    assert err.value.kind == "not_found"
+
+
+def test_summary_confusion_and_wilson_accuracy(tmp_path: Path, images: list[bytes]) -> None:
+    s = store(tmp_path)
+    # v1 says circle to all four; two are circles, one a square, one a triangle
+    s.keep([answer(str(i), images[i], top=0) for i in range(5)])
+    for i, label in enumerate(["circle", "circle", "square", "triangle"]):
+        s.label(str(i).ljust(32, "0"), label)
+    summary = s.summary()
+    assert (summary["kept"], summary["labelled"], summary["unlabelled"]) == (5, 4, 1)
+    assert summary["per_label"] == {"circle": 2, "square": 1, "triangle": 1}
+    assert summary["confusion"][0] == {"predicted": "circle", "label": "circle", "count": 2}
+    (v1,) = summary["versions"]
+    assert v1["version"] == "v1" and v1["labelled"] == 4
+    assert v1["top1"]["correct"] == 2 and v1["top1"]["accuracy"] == 0.5
+    assert (v1["top1"]["low"], v1["top1"]["high"]) == pytest.approx(wilson(2, 4))
+    assert v1["top5"]["correct"] == 3  # square was its second answer
+    page, total = s.items(wrong=True, limit=1)
+    assert total == 2 and len(page) == 1
+    assert s.items(label="square")[1] == 1 and s.items(version="v2")[1] == 0
+    assert s.items(labelled=False)[1] == 1
+
+
+def test_wilson_interval() -> None:
+    assert wilson(0, 0) == (None, None)
+    low, high = wilson(0, 10)
+    assert low == 0.0 and 0.25 < high < 0.35  # 0.2775: a zero count is not "exactly 0%"
+    low, high = wilson(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-3) and high == pytest.approx(0.5962, abs=1e-3)
+    assert wilson(10, 10)[1] == pytest.approx(1.0)
+    both = pooled([PairedResult(10, 8, 5, 4, 1), PairedResult(5, 5, 0, 5, 0)])
+    assert (both.n, both.b, both.c, both.candidate_correct) == (15, 9, 1, 13)
+
+
+def test_retention_and_budget_drop_unlabelled_oldest_first(
+    tmp_path: Path, images: list[bytes]
+) -> None:
+    budget = sum(len(d) for d in images[:4]) - 1  # the fourth fits only if one goes
+    s = store(tmp_path, max_bytes=budget, retention_s=100.0)
+    now = time.time()
+    s.keep([answer(str(i), images[i], at=now - 50 + i) for i in range(3)])
+    s.label("0".ljust(32, "0"), "circle")  # labelled: kept however old
+    kept, dropped = s.keep([answer("3", images[3], at=now)])
+    assert (kept, dropped) == (1, {})
+    assert s.get("1".ljust(32, "0")) is None  # the oldest unlabelled made room
+    assert s.get("0".ljust(32, "0")) is not None and s.bytes <= budget
+    assert s.expire(now=now + 200) == 2  # every unlabelled one, past retention
+    assert s.get("0".ljust(32, "0")) is not None and len(blobs(s)) == 1
+    # only labelled ones left and no room: the new answer is not kept
+    s2 = store(tmp_path / "two", max_bytes=len(images[0]) + 1)
+    s2.keep([answer("a", images[0])])
+    s2.label("a".ljust(32, "0"), "circle")
+    assert s2.keep([answer("b", images[1])]) == (0, {"store_full": 1})
+
+
+def test_reconcile_after_a_crash(tmp_path: Path, images: list[bytes]) -> None:
+    s = store(tmp_path)
+    s.keep([answer("a", images[0]), answer("b", images[1])])
+    s.label("a".ljust(32, "0"), "circle")
+    # what a kill leaves: a half-written temp file, a blob renamed in whose record never
+    # committed, and a record whose blob is gone (a disk restored from another time)
+    s.tmp.mkdir(exist_ok=True)
+    (s.tmp / "partial").write_bytes(b"half")
+    orphan = hashlib.sha256(images[2]).hexdigest()
+    s.blob_path(orphan).parent.mkdir(parents=True, exist_ok=True)
+    s.blob_path(orphan).write_bytes(images[2])
+    s.blob_path(hashlib.sha256(images[1]).hexdigest()).unlink()
+    s.close()
+    s = store(tmp_path)
+    assert s.reconcile() == {"orphan_blobs": 1, "dangling_records": 1}
+    assert [p.name for p in blobs(s)] == [hashlib.sha256(images[0]).hexdigest()]
+    assert s.get("b".ljust(32, "0")) is None
+    assert not s.tmp.exists() or not any(s.tmp.iterdir())
+    item = s.get("a".ljust(32, "0"))  # labels and their split survive the restart
+    assert item is not None and item["label"] == "circle" and item["split"]
+    assert s.bytes == len(images[0])
+
+
+def test_snapshot_keeps_the_labels_order_and_each_split(
+    tmp_path: Path, images: list[bytes]
+) -> None:
+    s = store(tmp_path, holdout_share=0.5)
+    s.keep([answer(str(i), images[i]) for i in range(6)])
+    for i in range(6):
+        s.label(str(i).ljust(32, "0"), LABELS[i % 3])
+    s.keep([answer("x", images[7])])
+    s.label("x".ljust(32, "0"), "square")
+    labels = ["triangle", "square", "circle", "hexagon"]  # a version's order, one unlabelled
+    dest = tmp_path / "data" / ".feedback" / "job1"
+    dest.parent.mkdir(parents=True)
+    man = s.snapshot(dest, labels)
+    assert man.classes == labels and len(man.images) == 7
+    assert Manifest.read(dest).hash == man.hash
+    splits = {im.sha256: im.split for im in man.images}
+    for item in s.labelled(LABELS, ("train", "holdout")):
+        assert splits[item["sha256"]] == ("holdout" if item["split"] == "holdout" else "trainval")
+        assert (
+            labels[next(im.label for im in man.images if im.sha256 == item["sha256"])]
+            == item["label"]
+        )
+    # the job keeps its copy when an answer is deleted; the store no longer has it
+    s.delete("0".ljust(32, "0"))
+    assert all((dest / im.path).is_file() for im in man.images)
+    held = s.snapshot(tmp_path / "data" / ".feedback" / "judge", labels, splits=("holdout",))
+    assert {im.split for im in held.images} <= {"holdout"}
+    assert json.loads((dest / "manifest.json").read_text())["holdout"]["from"] == "feedback"
+
+
+def test_keeper_queue_is_bounded_and_never_blocks(tmp_path: Path, images: list[bytes]) -> None:
+    s = store(tmp_path)
+    seen: list[tuple[int, dict[str, int]]] = []
+    keeper = FeedbackKeeper(
+        s, max_items=2, max_bytes=10**9, on_result=lambda k, d: seen.append((k, d))
+    )
+    # not started: nothing drains the queue, so the third offer finds it full
+    assert keeper.offer(answer("a", images[0])) and keeper.offer(answer("b", images[1]))
+    t0 = time.monotonic()
+    assert not keeper.offer(answer("c", images[2]))
+    assert time.monotonic() - t0 < 1.0  # a generous bound: it must not wait for room
+    assert seen == [(0, {"queue_full": 1})]
+    small = FeedbackKeeper(s, max_items=10, max_bytes=len(images[0]) + 1)
+    assert small.offer(answer("d", images[0])) and not small.offer(answer("e", images[1]))
+    keeper.start()
+    keeper.wait_written("b".ljust(32, "0"), 10.0)
+    keeper.stop()
+    assert s.get("a".ljust(32, "0")) and s.get("b".ljust(32, "0"))
+    assert s.get("c".ljust(32, "0")) is None and (2, {}) in seen
