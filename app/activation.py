@@ -6,15 +6,17 @@ the served precision, and promotes only a candidate that is better by more than 
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.feedback import FeedbackStore, snapshot_dir
 from model.checkpoint import ModelCard, load_version
 from model.data import DatasetError
 from model.device import Placement
 from model.evaluation import evaluate_version
-from model.stats import PairedResult, paired
+from model.stats import PairedResult, paired, pooled
 
 
 @dataclass(frozen=True)
@@ -45,9 +47,13 @@ def holdout_note(new: ModelCard, current: ModelCard) -> str | None:
 
 def decide(policy: str, new: ModelCard, current: ModelCard | None, *,
            result: PairedResult | None = None, alpha: float = 0.05,
-           holdout: dict[str, Any] | None = None) -> Decision:  # fmt: skip
-    """The decision for a finished job's version under `policy`; `result`: the paired
-    holdout results (candidate vs served) that `if_better` needs."""
+           holdout: dict[str, Any] | None = None,
+           feedback: PairedResult | None = None) -> Decision:  # fmt: skip
+    """The decision for a finished job's version under `policy`. `if_better` needs paired
+    results (candidate vs served): `result` on the dataset's frozen holdout, `feedback` on
+    the feedback holdout (labelled traffic no version trained on); either or both. With
+    both, each is reported and the decision is one McNemar test on the two together (they
+    are disjoint images), refused if the candidate is worse by more than chance on either."""
     if current is None:
         return Decision(True, "activated: no version was being served")
     if policy == "always":
@@ -58,26 +64,41 @@ def decide(policy: str, new: ModelCard, current: ModelCard | None, *,
         return Decision(False, f"not activated: its labels differ from the served version "
                                f"{current.version}'s, so there is no comparison; activate it "
                                "explicitly")  # fmt: skip
-    if result is None:
+    results = {k: r for k, r in (("dataset", result), ("feedback", feedback)) if r is not None}
+    if not results:
         return Decision(False, "not activated: it could not be compared with the served version "
                                f"{current.version} on a holdout")  # fmt: skip
-    p = result.p_value
-    note = holdout_note(new, current)
+    both = pooled(list(results.values()))
+    p = both.p_value
+    note = holdout_note(new, current) if result is not None else None
+    where = {"dataset": f"{(holdout or {}).get('dataset', new.dataset)}'s holdout",
+             "feedback": "the feedback holdout (labelled traffic)"}  # fmt: skip
     promotion = {
-        "policy": policy, "alpha": alpha, "p_value": p, "holdout_size": result.n,
-        "candidate": {"version": new.version, "top1": result.candidate_top1},
-        "served": {"version": current.version, "top1": result.other_top1},
-        "only_candidate_right": result.b, "only_served_right": result.c,
+        "policy": policy, "alpha": alpha, "p_value": p, "holdout_size": both.n,
+        "candidate": {"version": new.version, "top1": both.candidate_top1},
+        "served": {"version": current.version, "top1": both.other_top1},
+        "only_candidate_right": both.b, "only_served_right": both.c,
         **(holdout or {}), "note": note,
+        "holdouts": {k: {"size": r.n, "candidate_top1": r.candidate_top1,
+                         "served_top1": r.other_top1, "only_candidate_right": r.b,
+                         "only_served_right": r.c, "p_value": r.p_value}
+                     for k, r in results.items()},
     }  # fmt: skip
-    nums = (f"holdout top-1 {result.candidate_top1:.4f} vs {result.other_top1:.4f} of the "
-            f"served version {current.version} on {result.n} images of "
-            f"{(holdout or {}).get('dataset', new.dataset)}'s holdout; McNemar exact "
-            f"p={p:.4g}")  # fmt: skip
-    if result.candidate_top1 > result.other_top1 and p < alpha:
+    parts = [f"holdout top-1 {r.candidate_top1:.4f} vs {r.other_top1:.4f} of the served "
+             f"version {current.version} on {r.n} images of {where[k]}"
+             for k, r in results.items()]  # fmt: skip
+    if len(results) == 1:
+        nums = f"{parts[0]}; McNemar exact p={p:.4g}"
+    else:
+        nums = "; ".join(parts) + f"; McNemar exact p={p:.4g} on both together"
+    worse = [k for k, r in results.items() if r.other_top1 > r.candidate_top1 and r.p_value < alpha]
+    if worse:
+        text = f"not activated: worse by more than chance on {where[worse[0]]}: {nums}"
+        yes = False
+    elif both.candidate_top1 > both.other_top1 and p < alpha:
         text = f"activated: {nums} < {alpha:g}"
         yes = True
-    elif result.candidate_top1 > result.other_top1:
+    elif both.candidate_top1 > both.other_top1:
         text = f"not activated: better, but not by more than chance: {nums} >= {alpha:g}"
         yes = False
     else:
@@ -108,6 +129,30 @@ def judge(new: ModelCard, current: ModelCard, *, models_dir: Path, data_dir: Pat
     holdout = {"dataset": new.dataset, "dataset_hash": new.dataset_hash,
                "holdout_hash": new.holdout_hash, "precision": placement.precision}  # fmt: skip
     return paired(a, b), holdout
+
+
+def judge_feedback(new: ModelCard, current: ModelCard, store: FeedbackStore, *, models_dir: Path,
+                   data_dir: Path, name: str, placement: Placement,
+                   channels_last: bool = True) -> PairedResult | None:  # fmt: skip
+    """Both versions on the feedback holdout as it is now (labelled answers whose label is
+    one of the versions' labels, assigned to the holdout at their first labelling), image by
+    image; None when it is empty. Blocking: run it in a thread."""
+    dest = snapshot_dir(data_dir, name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        man = store.snapshot(dest, list(new.labels), splits=("holdout",))
+        if not man.images:
+            return None
+        hits = []
+        for card in (new, current):
+            net, card = load_version(models_dir / card.version)
+            report = evaluate_version(net, card, f"feedback:{name}", split="holdout",
+                                      data_dir=data_dir, placement=placement,
+                                      channels_last=channels_last, per_item=True)  # fmt: skip
+            hits.append(report.result.correct or [])
+        return paired(hits[0], hits[1])
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
 
 
 def should_activate(

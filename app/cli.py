@@ -1,4 +1,4 @@
-"""The `alexnet` command: serve, train, evaluate, predict, models, datasets, gc,
+"""The `alexnet` command: serve, train, evaluate, predict, models, datasets, feedback, gc,
 import-torchvision.
 
 Exit status: 0 success, 1 a runtime error (one line on stderr), 2 bad usage,
@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     from app.cli_datasets import add_parser as add_datasets
 
     add_datasets(sub)
+
+    from app.cli_feedback import add_parser as add_feedback
+
+    add_feedback(sub)
 
     p = sub.add_parser("import-torchvision", help="import torchvision's ImageNet weights")
     p.add_argument("--weights-file", type=Path, help="a local alexnet-owt-7be5be79.pth")
@@ -314,6 +318,15 @@ def cmd_datasets(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from exc
 
 
+def cmd_feedback(args: argparse.Namespace) -> int:
+    from app.cli_feedback import FeedbackCliError, run_feedback
+
+    try:
+        return run_feedback(args, _settings())
+    except FeedbackCliError as exc:
+        raise CliError(str(exc)) from exc
+
+
 def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from app.training import TrainCliError, run_train
 
@@ -354,6 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_gc(args)
         if args.command == "datasets":
             return cmd_datasets(args)
+        if args.command == "feedback":
+            return cmd_feedback(args)
         return cmd_import_torchvision(args)
     except (CliError, CheckpointError, DatasetError, DeviceError, TrainingError) as exc:
         print(f"alexnet: error: {exc}", file=sys.stderr)

@@ -33,12 +33,13 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from model.datasets import MANIFEST_FILE, Image, Manifest, content_hash, holdout_digest
+from model.data import FEEDBACK_SNAPSHOTS
+from model.datasets import MANIFEST_FILE, Image, Manifest, Member, content_hash, holdout_digest
 from model.files import atomic_write_bytes, fsync_dir
 from model.images import sniff_format
 from model.stats import wilson
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 
 Split = Literal["train", "holdout"]
 TOP_K_KEPT: Final = 5  # each answer's top-5 is kept, whatever top_k the client asked for
-SNAPSHOTS: Final = ".feedback"  # under the data dir: data/.feedback/<id>/ (feedback:<id>)
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS feedback (
     prediction_id TEXT PRIMARY KEY,
@@ -107,6 +107,22 @@ def holdout_rank(sha256: str) -> float:
     the content, so every copy of an image lands in the same split."""
     h = hashlib.sha256(b"alexnet-feedback-holdout:" + sha256.encode()).hexdigest()
     return int(h[:13], 16) / 16**13
+
+
+def snapshot_names(config: Mapping[str, Any]) -> list[str]:
+    """The feedback snapshots a job's config reads (`feedback:<name>`)."""
+    specs = (config.get("dataset"), config.get("feedback"))
+    return [v.split(":", 1)[1] for v in specs if isinstance(v, str) and v.startswith("feedback:")]
+
+
+def snapshot_dir(data_dir: Path, name: str) -> Path:
+    return data_dir / FEEDBACK_SNAPSHOTS / name
+
+
+def remove_snapshots(data_dir: Path, config: Mapping[str, Any]) -> None:
+    """A finished job's snapshots: gone with it (deleted answers are then gone for good)."""
+    for name in snapshot_names(config):
+        shutil.rmtree(snapshot_dir(data_dir, name), ignore_errors=True)
 
 
 class FeedbackStore:
@@ -460,13 +476,16 @@ class FeedbackStore:
 
     # -- training data
 
+    def labelled_all(self) -> list[dict[str, Any]]:
+        """Every labelled answer, oldest label first."""
+        return [self._item(r) for r in self._query(
+            "SELECT f.*, b.size FROM feedback f JOIN feedback_blobs b USING (sha256) WHERE "
+            "f.label IS NOT NULL ORDER BY f.labelled_at, f.prediction_id")]  # fmt: skip
+
     def labelled(self, labels: list[str], splits: tuple[Split, ...]) -> list[dict[str, Any]]:
         """Labelled answers whose label is one of `labels`, in `splits` (oldest first)."""
-        rows = self._query("SELECT f.*, b.size FROM feedback f JOIN feedback_blobs b USING "
-                           "(sha256) WHERE f.label IS NOT NULL ORDER BY f.labelled_at, "
-                           "f.prediction_id")  # fmt: skip
         wanted = set(labels)
-        return [self._item(r) for r in rows if r["label"] in wanted and r["split"] in splits]
+        return [it for it in self.labelled_all() if it["label"] in wanted and it["split"] in splits]
 
     def snapshot(self, dest: Path, labels: list[str], *,
                  splits: tuple[Split, ...] = ("train", "holdout")) -> Manifest:  # fmt: skip
@@ -519,6 +538,45 @@ class FeedbackStore:
             return man
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_members(store: FeedbackStore, skipped: list[str]) -> Iterator[Member]:
+    """Labelled feedback as dataset entries in the pre-split layout: `train/<label>/<sha>`
+    for the train share and `test/<label>/<sha>` for the holdout (so the export's holdout is
+    the feedback holdout). Labels no archive can name, and labels with nothing in the train
+    share, are left out and listed in `skipped`."""
+    items = store.labelled_all()
+    has_train = {it["label"] for it in items if it["split"] == "train"}
+    bad = {lab for lab in {it["label"] for it in items}
+           if lab in (".", "..") or "/" in lab or "\\" in lab or "\x00" in lab}  # fmt: skip
+    for lab in sorted({it["label"] for it in items} - has_train - bad):
+        skipped.append(f"label {lab!r}: nothing in the train share yet")
+    for lab in sorted(bad):
+        skipped.append(f"label {lab!r}: not usable as a folder name")
+    dirs: set[str] = set()
+    done: set[str] = set()
+    for it in items:
+        lab = it["label"]
+        if lab in bad or lab not in has_train:
+            continue
+        top = "test" if it["split"] == "holdout" else "train"
+        for d in (top, f"{top}/{lab}"):
+            if d not in dirs:
+                dirs.add(d)
+                yield Member(d, "dir", lambda _n: b"")
+        path = store.blob_path(it["sha256"])
+        with contextlib.suppress(FileNotFoundError), path.open("rb") as f:
+            fmt = (sniff_format(f.read(32)) or "bin").lower()
+        rel = f"{top}/{lab}/{it['sha256'][:16]}.{ {'jpeg': 'jpg'}.get(fmt, fmt) }"
+        if rel in done:
+            continue
+        done.add(rel)
+
+        def read(limit: int, path: Path = path) -> bytes:
+            with path.open("rb") as fh:
+                return fh.read(limit + 1)
+
+        yield Member(rel, "file", read)
 
 
 def _rate(k: int, n: int) -> dict[str, Any]:

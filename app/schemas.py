@@ -134,13 +134,23 @@ class JobRequest(TrainConfig):
         "always; never",
     )
     nproc_per_node: int = Field(1, ge=1, le=64, description="processes (GPUs); torchrun if > 1")
+    include_feedback: bool = Field(
+        False,
+        description="add labelled feedback (POST /v1/feedback) to the data: its train share "
+        "joins the dataset's train and validation images, its holdout stays out. Or "
+        '"dataset": "feedback" to train on labelled feedback alone. Either is a fine-tune '
+        "from `base` (default: the served version) and its labels; the job reads a snapshot "
+        "taken now",
+    )
 
     model_config = {"json_schema_extra": {"examples": [{
         "dataset": "synthetic", "image_size": 64, "batch_size": 32, "epochs": 10,
         "dropout": 0.0, "activate": "if_better"}]}}  # fmt: skip
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig.model_validate(self.model_dump(exclude={"activate", "nproc_per_node"}))
+        return TrainConfig.model_validate(
+            self.model_dump(exclude={"activate", "nproc_per_node", "include_feedback"})
+        )
 
 
 class JobProgress(BaseModel):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from app import presence
-from app.activation import decide, judge
+from app.activation import decide, judge, judge_feedback
 from app.batching import BatchStats, MicroBatcher
 from app.datasets import dataset_store
 from app.errors import ModelNotReady
@@ -150,7 +150,7 @@ class AppState:
         assert job.result_version
         card = read_card(self.registry.stored_version_dir(job.result_version))
         current = self.registry.current
-        result, holdout, failure = None, None, None
+        result, holdout, failure, fb = None, None, None, None
         if (
             job.activate == "if_better"
             and current is not None
@@ -158,15 +158,22 @@ class AppState:
         ):
             s = self.settings
             try:
-                result, holdout = await asyncio.to_thread(
-                    judge, card, current.card, models_dir=self.registry.models_dir,
-                    data_dir=s.data_dir, placement=current.placement,
-                    holdout_share=s.holdout_split, channels_last=s.channels_last)  # fmt: skip
+                # A job on feedback alone has no dataset holdout besides the feedback one.
+                if not (card.dataset or "").startswith("feedback:"):
+                    result, holdout = await asyncio.to_thread(
+                        judge, card, current.card, models_dir=self.registry.models_dir,
+                        data_dir=s.data_dir, placement=current.placement,
+                        holdout_share=s.holdout_split, channels_last=s.channels_last)  # fmt: skip
+                fb = await asyncio.to_thread(
+                    judge_feedback, card, current.card, self.feedback,
+                    models_dir=self.registry.models_dir, data_dir=s.data_dir,
+                    name=f"judge-{job.id}", placement=current.placement,
+                    channels_last=s.channels_last)  # fmt: skip
             except (DatasetError, CheckpointError) as exc:
                 failure = str(exc)
                 log.warning("job %s: cannot judge %s on a holdout: %s", job.id, card.version, exc)
         d = decide(job.activate, card, current.card if current else None, result=result,
-                   alpha=self.settings.promotion_alpha, holdout=holdout)  # fmt: skip
+                   alpha=self.settings.promotion_alpha, holdout=holdout, feedback=fb)  # fmt: skip
         reason = f"{d.reason}: {failure}" if failure else d.reason
         if d.activate:
             await self.activate(card.version)

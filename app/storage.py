@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
+from app.feedback import remove_snapshots
 from app.jobs.store import RESUMABLE, Job, JobStore
 from model.checkpoint import (
     CheckpointError,
@@ -130,6 +131,7 @@ def purge_job(job: Job, *, jobs: JobStore, jobs_dir: Path) -> int:
     if run_in_use(jobs_dir / job.id):
         raise InUse(f"a process is training in {jobs_dir / job.id} (a resume by hand?)")
     freed = purge_run_state(jobs_dir / job.id)
+    remove_snapshots(jobs_dir.parent / "data", job.config)  # it cannot resume: no reader left
     jobs.update(job.id, purged_at=time.time())
     return freed
 

@@ -15,7 +15,8 @@ STEP_PATIENCE: Final = 2
 # Matched whole (fullmatch: "synthetic\n" is not "synthetic") and in ASCII only (no
 # Arabic-Indic digits in a size, no letters outside A-Z in a name).
 DATASET_RE: Final = re.compile(
-    r"(cifar10|synthetic(:[0-9]{2,7})?|imagefolder:[A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
+    r"(cifar10|synthetic(:[0-9]{2,7})?|imagefolder:[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+    r"|feedback(:[A-Za-z0-9][A-Za-z0-9_.-]{0,63})?)"
 )
 
 
@@ -88,13 +89,21 @@ class TrainConfig(BaseModel):
         "frozen) is lr times this (e.g. 0.1); a re-initialised last layer learns at lr",
     )  # fmt: skip
 
+    feedback: str | None = Field(
+        None,
+        pattern=r"^feedback:[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="a snapshot of labelled feedback (feedback:ID, which the service makes for "
+        "a job with include_feedback) whose train share is added to the dataset's train and "
+        "validation images; its holdout is never trained on",
+    )
+
     @field_validator("dataset")
     @classmethod
     def _dataset_by_name(cls, v: str) -> str:
         if not DATASET_RE.fullmatch(v):
             raise ValueError(
-                f"unknown dataset {v!r}: expected cifar10, synthetic, synthetic:N or "
-                "imagefolder:NAME (NAME: letters, digits, '.', '_', '-'; no paths)"
+                f"unknown dataset {v!r}: expected cifar10, synthetic, synthetic:N, "
+                "imagefolder:NAME (NAME: letters, digits, '.', '_', '-'; no paths) or feedback"
             )
         return v
 

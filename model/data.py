@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset
 
 from model import synthetic
 from model.images import decode_image, to_tensor
@@ -34,6 +34,8 @@ CIFAR10_LABELS = [
 ]  # fmt: skip
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# Snapshots of labelled feedback a job reads (`feedback:<id>` -> data/.feedback/<id>/).
+FEEDBACK_SNAPSHOTS: Final = ".feedback"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 
 
@@ -167,9 +169,23 @@ def load_dataset(
         pre = pre or Preprocessing.for_size(image_size)
         return imagefolder_bundle(spec, path, pre, val_split=val_split, seed=seed,
                                   holdout_share=holdout_share)  # fmt: skip
+    elif spec.startswith("feedback:"):
+        path = resolve_dataset_dir(data_dir / FEEDBACK_SNAPSHOTS, spec.split(":", 1)[1])
+        if not (path / "manifest.json").is_file():
+            raise DatasetError(f"{spec}: that snapshot of labelled feedback is gone (a job's "
+                               "snapshot is removed when the job ends)")  # fmt: skip
+        pre = pre or Preprocessing.for_size(image_size)
+        return imagefolder_bundle(spec, path, pre, val_split=val_split, seed=seed,
+                                  holdout_share=holdout_share)  # fmt: skip
+    elif spec == "feedback":
+        raise DatasetError(
+            "dataset feedback is made by the service for a job (POST /admin/jobs with "
+            '"dataset": "feedback"); from the command line, export it first: alexnet '
+            "feedback export --dataset NAME, then --dataset imagefolder:NAME"
+        )
     else:
         raise DatasetError(
-            f"unknown dataset {spec!r}: expected cifar10, synthetic or imagefolder:NAME"
+            f"unknown dataset {spec!r}: expected cifar10, synthetic, imagefolder:NAME or feedback"
         )
     n = len(full)  # type: ignore[arg-type]
     train_idx, val_idx = split_indices(n, val_split, seed)
@@ -193,6 +209,32 @@ def _hash(*parts: bytes) -> str:
     for p in parts:
         h.update(p)
     return h.hexdigest()
+
+
+def with_feedback(bundle: DatasetBundle, extra: DatasetBundle) -> DatasetBundle:
+    """`bundle` with a feedback snapshot's train and validation images added to its own
+    (the same labels in the same order; preprocessed as `bundle` says). The snapshot's
+    holdout stays out of training; `bundle`'s holdout is still the holdout."""
+    if extra.labels != bundle.labels:
+        raise DatasetError(
+            f"{extra.spec}'s labels are not {bundle.spec}'s ({', '.join(bundle.labels[:4])}...): "
+            "feedback can only be added to a dataset with the answering versions' labels"
+        )
+    n_train, n_val = len(bundle.train), len(bundle.val)
+    parts: list[Dataset[tuple[torch.Tensor, int]]] = [bundle.train, extra.train, bundle.val,
+                                                      extra.val]  # fmt: skip
+    full: ConcatDataset[tuple[torch.Tensor, int]] = ConcatDataset(parts)
+    a = n_train + len(extra.train)
+    split = {**bundle.split, "feedback": {
+        "spec": extra.spec, "train": len(extra.train), "val": len(extra.val),
+        "holdout_kept_out": extra.split.get("holdout", 0), "hash": extra.hash,
+        "holdout_hash": extra.holdout_hash}}  # fmt: skip
+    return DatasetBundle(
+        spec=bundle.spec, labels=bundle.labels, pre=bundle.pre,
+        train=Subset(full, range(a)), val=Subset(full, range(a, a + n_val + len(extra.val))),
+        test=bundle.test, split=split, skipped=bundle.skipped + extra.skipped,
+        hash=_hash(f"{bundle.hash}+{extra.hash}".encode()), holdout_hash=bundle.holdout_hash,
+    )  # fmt: skip
 
 
 def imagefolder_bundle(spec: str, path: Path, pre: Preprocessing, *, val_split: float,
@@ -224,7 +266,8 @@ def imagefolder_bundle(spec: str, path: Path, pre: Preprocessing, *, val_split: 
         train_files, val_files = files("train"), files("val")
     else:
         pool = files("trainval", "train")
-        t_idx, v_idx = split_indices(len(pool), val_split, seed)
+        # (a holdout-only folder, as judging on feedback makes, has nothing to split)
+        t_idx, v_idx = split_indices(len(pool), val_split, seed) if pool else ([], [])
         train_files, val_files = [pool[i] for i in t_idx], [pool[i] for i in v_idx]
     holdout = files("holdout")
     full = ImageFiles(train_files + val_files, pre.resize_size)

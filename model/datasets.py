@@ -813,6 +813,13 @@ class DatasetStore:
         return self._import(name, lambda: folder_members(folder, self.limits),
                             f"folder {folder}", replace, guard, skip_links=True)  # fmt: skip
 
+    def import_members(self, members: Callable[[], Iterator[Member]], name: str, *,
+                       source: str, replace: bool = False) -> Manifest:  # fmt: skip
+        """Import entries another store produces (labelled feedback's export), through the
+        same checks, layout plan and writer as an archive."""
+        check_name(name)
+        return self._import(name, members, source, replace, None, skip_links=False)
+
     def _import(self, name: str, members: Callable[[], Iterator[Member]], source: str,
                 replace: bool, guard: Guard | None, *, skip_links: bool) -> Manifest:  # fmt: skip
         final = self.data_dir / name

@@ -31,6 +31,7 @@ from model.data import (
     default_workers,
     load_dataset,
     run_loaders,
+    with_feedback,
 )
 from model.datasets import DEFAULT_HOLDOUT_SPLIT
 from model.device import DTYPES, Placement, resolve
@@ -157,6 +158,11 @@ class Trainer:
         bundle = load_dataset(cfg.dataset, data_dir=self.data_dir, image_size=cfg.image_size,
                               val_split=cfg.val_split, seed=cfg.seed, pre=pre,
                               holdout_share=self.holdout_share)  # fmt: skip
+        if cfg.feedback is not None:
+            bundle = with_feedback(bundle, load_dataset(
+                cfg.feedback, data_dir=self.data_dir, image_size=cfg.image_size,
+                val_split=cfg.val_split, seed=cfg.seed, pre=bundle.pre,
+                holdout_share=self.holdout_share))  # fmt: skip
         model, base_info = self._build(bundle, placement, base if saved is None else None)
         if base_info is not None:
             self.base_info = base_info

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
+from app.feedback import remove_snapshots
 from app.jobs.child import PARENT_PID_ENV, writer_tag
 from app.jobs.process import (
     exit_text,
@@ -289,6 +290,8 @@ class JobRunner:
                 error=f"{exit_text(rc)}: {reason}" if reason else exit_text(rc),
             )
             log.warning("job %s failed (%s)", job.id, exit_text(rc))
+        if self.store.get(job.id).status in ("succeeded", "failed"):  # type: ignore[union-attr]
+            remove_snapshots(self.home / "data", job.config)  # (resumable ones keep theirs)
         await asyncio.to_thread(self.retain)  # unlinking ~650 MB: off the serving loop
 
     def retain(self) -> None:

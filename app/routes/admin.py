@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
@@ -18,6 +20,7 @@ from app.errors import (
     ValidationFailed,
     responses,
 )
+from app.feedback import remove_snapshots, snapshot_dir
 from app.jobs.store import RESUMABLE, Job
 from app.presence import serving_versions
 from app.schemas import ActivateResponse, DeletedVersion, JobList, JobOut, JobRequest
@@ -80,6 +83,29 @@ def with_base(state: AppState, req: JobRequest) -> JobRequest:
     return req.model_copy(update=card.fine_tune_defaults(req.model_fields_set))
 
 
+def feedback_snapshot(state: AppState, req: JobRequest) -> JobRequest:
+    """Snapshot the labelled feedback with the base's labels for this job (blocking): the
+    job reads `feedback:<name>`, so answers deleted meanwhile stay in its copy until it
+    ends. 422 without enough labelled training items."""
+    assert req.base is not None
+    labels = read_card(state.registry.stored_version_dir(req.base)).labels
+    name = f"job-{uuid.uuid4().hex[:12]}"
+    dest = snapshot_dir(state.settings.data_dir, name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    alone = req.dataset == "feedback"
+    man = state.feedback.snapshot(dest, labels)
+    n_train = sum(1 for im in man.images if im.split != "holdout")
+    if n_train < (2 if alone else 1):
+        shutil.rmtree(dest, ignore_errors=True)
+        msg = (f"{n_train} labelled answer(s) with version {req.base}'s labels are in the "
+               f"feedback's train share ({len(man.images) - n_train} in its holdout): label "
+               "more answers (POST /v1/feedback) first")  # fmt: skip
+        raise ValidationFailed(msg, details=[{"loc": ["body", "dataset" if alone else
+                                                      "include_feedback"], "msg": msg}])  # fmt: skip
+    spec = f"feedback:{name}"
+    return req.model_copy(update={"dataset": spec} if alone else {"feedback": spec})
+
+
 @router.post(
     "/jobs", status_code=202, response_model=JobOut,
     summary="Start a training job (the `alexnet train` options, snake_case)",
@@ -88,12 +114,22 @@ def with_base(state: AppState, req: JobRequest) -> JobRequest:
         413: ("payload_too_large", "request body is larger than 1048576 bytes")}),
 )  # fmt: skip
 async def create_job(req: JobRequest, state: StateDep) -> JobOut:
+    if req.feedback is not None:
+        raise ValidationFailed(
+            "feedback: set by the service; ask for labelled feedback with include_feedback "
+            'or "dataset": "feedback"', details=[{"loc": ["body", "feedback"], "msg": "not "
+                                                  "accepted here"}])  # fmt: skip
+    uses_feedback = req.include_feedback or req.dataset == "feedback"
+    if uses_feedback and req.base is None:  # a fine-tune of what answered the traffic
+        req = req.model_copy(update={"base": "active"})
     if req.base is not None:
         req = with_base(state, req)
     queued = state.jobs.count("queued")
     if queued >= state.settings.max_queued_jobs:
         raise Overloaded(f"{queued} jobs are already queued; retry when one has started",
                          retry_after_s=60)  # fmt: skip
+    if uses_feedback:
+        req = await asyncio.to_thread(feedback_snapshot, state, req)
     # An imagefolder is checked and the job recorded under the dataset's lock: a deletion
     # or replacement of it sees the job, or the job sees the dataset gone (never neither).
     lock = (state.datasets.lock(req.dataset.split(":", 1)[1])
@@ -103,7 +139,11 @@ async def create_job(req: JobRequest, state: StateDep) -> JobOut:
             check_dataset(state, req.dataset)
             job = state.jobs.create(req)
     except DatasetImportError as exc:
+        remove_snapshots(state.settings.data_dir, req.train_config().model_dump())
         raise Conflict(str(exc)) from exc
+    except BaseException:
+        remove_snapshots(state.settings.data_dir, req.train_config().model_dump())
+        raise
     state.runner.wake()
     return JobOut.of(job)
 
