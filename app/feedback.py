@@ -332,9 +332,10 @@ class FeedbackStore:
         rows = self._query("SELECT * FROM feedback WHERE prediction_id = ?", (prediction_id,))
         return self._item(rows[0]) if rows else None
 
-    def label(self, prediction_id: str, label: str) -> dict[str, Any]:
-        """Record `label` for an answer (replacing an earlier one; the history keeps both).
-        The split is drawn at the first labelling and never changes. Raises FeedbackError."""
+    def label(self, prediction_id: str, label: str) -> tuple[str | None, dict[str, Any]]:
+        """Record `label` for an answer (replacing an earlier one; the history keeps both):
+        (the label it replaced, the answer now). The split is drawn at the first labelling
+        and never changes. Raises FeedbackError."""
         item = self.get(prediction_id)
         if item is None:
             raise FeedbackError("not_found", f"no kept answer {prediction_id}: unknown, "
@@ -366,18 +367,19 @@ class FeedbackStore:
                         "holdout" if holdout_rank(item["sha256"]) < self.holdout_share else "train"
                     )
                 )
-            db.execute("UPDATE feedback SET label = ?, labelled_at = ?, split = ? WHERE "
-                       "prediction_id = ?", (label, now, split, prediction_id))  # fmt: skip
+            changed = db.execute("UPDATE feedback SET label = ?, labelled_at = ?, split = ? "
+                                 "WHERE prediction_id = ?", (label, now, split, prediction_id))  # fmt: skip
+            if changed.rowcount == 0:  # deleted meanwhile
+                raise FeedbackError("not_found", f"no kept answer {prediction_id}")
             db.execute("INSERT INTO feedback_labels (prediction_id, label, at) VALUES (?, ?, ?)",
                        (prediction_id, label, now))  # fmt: skip
-        out = self.get(prediction_id)
-        assert out is not None
-        return out
+        return item["label"], {**item, "label": label, "labelled_at": now, "split": split}
 
-    def history(self, prediction_id: str) -> list[dict[str, Any]]:
-        return [{"label": r["label"], "at": r["at"]} for r in self._query(
-            "SELECT label, at FROM feedback_labels WHERE prediction_id = ? ORDER BY id",
-            (prediction_id,))]  # fmt: skip
+    def history(self, prediction_id: str, *, last: int = -1) -> list[dict[str, Any]]:
+        """The labels sent for an answer, oldest first (the `last` ones; -1: all)."""
+        rows = self._query("SELECT label, at FROM feedback_labels WHERE prediction_id = ? "
+                           "ORDER BY id DESC LIMIT ?", (prediction_id, last))  # fmt: skip
+        return [{"label": r["label"], "at": r["at"]} for r in reversed(rows)]
 
     @staticmethod
     def _item(row: sqlite3.Row) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from app.errors import ErrorDetail
 from app.jobs.store import Activate
@@ -146,6 +146,18 @@ class JobRequest(TrainConfig):
     model_config = {"json_schema_extra": {"examples": [{
         "dataset": "synthetic", "image_size": 64, "batch_size": 32, "epochs": 10,
         "dropout": 0.0, "activate": "if_better"}]}}  # fmt: skip
+
+    @model_validator(mode="before")
+    @classmethod
+    def _feedback_fine_tunes_the_served_version(cls, data: Any) -> Any:
+        """Labelled feedback is the served version's traffic: base defaults to `active`."""
+        if (
+            isinstance(data, dict)
+            and data.get("base") is None
+            and (data.get("dataset") == "feedback" or data.get("include_feedback") is True)
+        ):
+            return {**data, "base": "active"}
+        return data
 
     def train_config(self) -> TrainConfig:
         return TrainConfig.model_validate(

@@ -119,9 +119,7 @@ async def create_job(req: JobRequest, state: StateDep) -> JobOut:
             "feedback: set by the service; ask for labelled feedback with include_feedback "
             'or "dataset": "feedback"', details=[{"loc": ["body", "feedback"], "msg": "not "
                                                   "accepted here"}])  # fmt: skip
-    uses_feedback = req.include_feedback or req.dataset == "feedback"
-    if uses_feedback and req.base is None:  # a fine-tune of what answered the traffic
-        req = req.model_copy(update={"base": "active"})
+    uses_feedback = req.include_feedback or req.dataset == "feedback"  # (base: active)
     if req.base is not None:
         req = with_base(state, req)
     queued = state.jobs.count("queued")

@@ -33,6 +33,7 @@ admin = APIRouter(
 
 PredictionId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$",
                                    examples=["8f14e45fceea167a5a36dedd4bea2543"])]  # fmt: skip
+HISTORY = 20  # labels an answer to POST /v1/feedback lists (GET /admin/feedback/{id}: all)
 MAX_LABEL_WRITES = 256  # label writes waiting for the database at once; past it: 429
 
 
@@ -73,7 +74,8 @@ class FeedbackItem(BaseModel):
 
 class FeedbackAnswer(FeedbackItem):
     previous_label: str | None = Field(description="the label this one replaced, if any")
-    history: list[dict[str, Any]] = Field(description="every label sent for it, oldest first")
+    history: list[dict[str, Any]] = Field(description="the labels sent for it, oldest first "
+                                          "(the last 20 in the answer to POST /v1/feedback)")  # fmt: skip
 
 
 class ItemPage(BaseModel):
@@ -159,7 +161,7 @@ async def send_feedback(body: FeedbackRequest, request: Request, state: StateDep
                          "1 s", retry_after_s=1)  # fmt: skip
     state.feedback_writes += 1
     try:
-        old, new = await asyncio.get_running_loop().run_in_executor(
+        old, new, history = await asyncio.get_running_loop().run_in_executor(
             state.feedback_executor, _label, state, body.prediction_id, body.label
         )
     except FeedbackError as exc:
@@ -175,12 +177,12 @@ async def send_feedback(body: FeedbackRequest, request: Request, state: StateDep
     return {**out, "previous_label": old, "history": history}
 
 
-def _label(state: AppState, prediction_id: str, label: str) -> tuple[str | None, dict[str, Any]]:
+def _label(state: AppState, prediction_id: str,
+           label: str) -> tuple[str | None, dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
     assert state.keeper is not None
     state.keeper.wait_written(prediction_id, 5.0)  # an answer of a moment ago
-    before = state.feedback.get(prediction_id)
-    new = state.feedback.label(prediction_id, label)
-    return (before or {}).get("label"), new
+    old, new = state.feedback.label(prediction_id, label)
+    return old, new, state.feedback.history(prediction_id, last=HISTORY)
 
 
 @admin.get("", summary="Live accuracy on labelled traffic, per version")

@@ -65,16 +65,18 @@ def test_labels_replace_keep_history_and_the_split_never_moves(
     s = store(tmp_path, holdout_share=0.5)
     pid = "a".ljust(32, "0")
     s.keep([answer("a", images[0]), answer("b", images[0])])
-    first = s.label(pid, "square")
+    old, first = s.label(pid, "square")
+    assert old is None
     assert first["label"] == "square" and first["split"] in ("train", "holdout")
     want = "holdout" if holdout_rank(hashlib.sha256(images[0]).hexdigest()) < 0.5 else "train"
     assert first["split"] == want
     s.holdout_share = 1.0 if want == "train" else 0.0  # a share that would draw the other
-    again = s.label(pid, "triangle")
+    old, again = s.label(pid, "triangle")
+    assert old == "square"
     assert again["label"] == "triangle" and again["split"] == first["split"]
     assert [h["label"] for h in s.history(pid)] == ["square", "triangle"]
     # a copy of the same image labelled later joins the same split whatever the share now
-    assert s.label("b".ljust(32, "0"), "circle")["split"] == first["split"]
+    assert s.label("b".ljust(32, "0"), "circle")[1]["split"] == first["split"]
     with pytest.raises(FeedbackError) as err:
         s.label(pid, "squar")
     assert err.value.kind == "bad_label" and "'square'" in err.value.message
