@@ -270,3 +270,51 @@ def test_admin_section_uploads_a_dataset_and_fine_tunes_from_it(
         assert "on 6 images" in line and "p=" in line
         page.screenshot(path=str(tmp_path / "datasets-section.png"), full_page=True)
         page.close()
+
+
+def test_feedback_on_the_page_right_wrong_live_accuracy_review_and_retrain(
+    tmp_path: Path, browser: object
+) -> None:
+    from tests.helpers.datasets import shape_images
+
+    home = tmp_path / "home"
+    labels = ["circle", "square", "triangle"]
+    served = make_version(home / "models", activate=True, image_size=64, labels=labels)
+    files = []
+    for name, data in sorted(shape_images(3, 1).items()):
+        files.append(tmp_path / name.replace("/", "-"))
+        files[-1].write_bytes(data)
+    token = "browser-admin-token"
+    env = {"ALEXNET_ADMIN_TOKEN": token, "ALEXNET_JOB_THREADS": "1", "ALEXNET_FEEDBACK": "true",
+           "ALEXNET_HOLDOUT_SPLIT": "0.01"}  # fmt: skip
+    with Server(home, **env) as srv:
+        page = browser.new_page()  # type: ignore[attr-defined]
+        page.goto(srv.url + "/")
+        page.wait_for_selector(f"text=model {served.version}")
+        page.set_input_files("#files", [str(f) for f in files[:2]])
+        page.wait_for_selector(".card.done >> nth=1", timeout=30_000)
+        first, second = page.query_selector_all(".card.done")
+        first.query_selector("button.right").click()  # type: ignore[union-attr]
+        page.wait_for_selector(".card.done >> nth=0 >> .fb[data-sent]")
+        top1 = second.query_selector(".row").get_attribute("data-label")  # type: ignore[union-attr]
+        other = next(lab for lab in labels if lab != top1)
+        second.query_selector("button.wrong").click()  # type: ignore[union-attr]
+        second.query_selector("input.pick").fill(other)  # type: ignore[union-attr]
+        second.query_selector("button.send").click()  # type: ignore[union-attr]
+        page.wait_for_selector(f".card.done >> nth=1 >> .fb[data-sent={other}]")
+        assert "thanks: " + other in second.inner_text()
+
+        page.fill("#token", token)
+        page.click("#token-form button")
+        page.wait_for_selector("#feedback:not([hidden])")
+        cell = page.wait_for_selector(f"#live tr[data-version='{served.version}'] .top1")
+        assert cell.inner_text().startswith("50.0%")  # type: ignore[union-attr]
+        assert page.inner_text("#confusions tbody").split() == [top1, other, "1"]
+        fig = page.wait_for_selector("#review figure img[src^='blob:']")
+        assert fig.evaluate("i => i.naturalWidth") > 0  # type: ignore[union-attr]
+        page.fill("#job-form [name=epochs]", "1")
+        page.click("#retrain")
+        page.wait_for_selector("#admin-msg >> text=retrain from feedback")
+        page.wait_for_selector("#jobs >> text=feedback:job-")
+        page.screenshot(path=str(tmp_path / "feedback-section.png"), full_page=True)
+        page.close()
