@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.convertors import Convertor, register_url_convertor
 
 from app import paths
 from app.deps import AdminDep, StateDep
@@ -25,6 +26,21 @@ from app.feedback import FeedbackError
 from app.schemas import PREDICTION_ID
 from app.state import AppState
 
+
+class _PredictionIdConvertor(Convertor[str]):
+    """Routes match only a 32-hex id, so /admin/feedback/items is never taken for one (a
+    DELETE of it is 405, not an unknown item)."""
+
+    regex = "[0-9a-f]{32}"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("prediction_id", _PredictionIdConvertor())
 router = APIRouter(tags=["feedback"])
 admin = APIRouter(
     prefix=paths.ADMIN_PREFIX + "/feedback", tags=["admin"], dependencies=[AdminDep],
@@ -91,7 +107,7 @@ class Forgotten(BaseModel):
 
 
 class PurgeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, json_schema_extra={"examples": [
         {"older_than_s": 2_592_000}]})  # fmt: skip
 
     older_than_s: float = Field(ge=0, le=1e10, description="forget every kept answer, "
@@ -150,12 +166,14 @@ async def feedback_info(state: StateDep) -> FeedbackInfo:
 @router.post(
     paths.FEEDBACK, summary="Say what an answered image really was",
     response_model=FeedbackAnswer,
-    responses=responses(401, 404, 413, 422, 429, 503, examples={
+    responses=responses(400, 401, 404, 413, 422, 429, 503, examples={
+        400: ("invalid_request", "There was an error parsing the body"),
         404: ("not_found", "no kept answer 8f14e45fceea167a5a36dedd4bea2543: unknown, expired "
                            "(...), deleted, or never kept"),
         422: ("validation_error", "label: 'tigre cat' is not one of the 1000 labels of version "
                                   "20261127-031500-ab12, which gave this answer; did you mean "
                                   "'tiger cat'?"),
+        413: ("payload_too_large", "request body is larger than 4096 bytes"),
         503: ("feedback_disabled", "feedback is off on this server: ALEXNET_FEEDBACK=true "
                                    "turns it on")}),
 )  # fmt: skip
@@ -234,7 +252,10 @@ async def feedback_items(
                     items=[FeedbackItem(**item_out(state, r)) for r in rows])  # fmt: skip
 
 
-@admin.post("/purge", response_model=Forgotten, summary="Forget kept answers by age")
+@admin.post("/purge", response_model=Forgotten, summary="Forget kept answers by age",
+            responses=responses(400, 413, 422, examples={
+                400: ("invalid_request", "There was an error parsing the body"),
+                413: ("payload_too_large", "request body is larger than 1048576 bytes")}))  # fmt: skip
 async def feedback_purge(body: PurgeRequest, state: StateDep) -> Forgotten:
     """Every kept answer older than `older_than_s` (labelled ones too), its label history,
     and its image unless a newer answer has the same bytes."""
@@ -242,7 +263,7 @@ async def feedback_purge(body: PurgeRequest, state: StateDep) -> Forgotten:
     return Forgotten(deleted=n, freed_bytes=freed)
 
 
-@admin.get("/{prediction_id}", response_model=FeedbackAnswer, summary="One kept answer",
+@admin.get("/{prediction_id:prediction_id}", response_model=FeedbackAnswer, summary="One kept answer",
            responses=responses(404))  # fmt: skip
 async def feedback_item(prediction_id: PredictionId, state: StateDep) -> dict[str, Any]:
     d = await asyncio.to_thread(state.feedback.get, prediction_id)
@@ -253,7 +274,7 @@ async def feedback_item(prediction_id: PredictionId, state: StateDep) -> dict[st
 
 
 @admin.get(
-    "/{prediction_id}/image", summary="The image of a kept answer", response_class=FileResponse,
+    "/{prediction_id:prediction_id}/image", summary="The image of a kept answer", response_class=FileResponse,
     responses={**responses(404), 200: {"content": {"image/*": {}}}},
 )  # fmt: skip
 async def feedback_image(prediction_id: PredictionId, state: StateDep) -> FileResponse:
@@ -264,7 +285,7 @@ async def feedback_image(prediction_id: PredictionId, state: StateDep) -> FileRe
     return FileResponse(path, media_type=media, headers={"Cache-Control": "no-store"})
 
 
-@admin.delete("/{prediction_id}", response_model=Forgotten, summary="Forget one kept answer",
+@admin.delete("/{prediction_id:prediction_id}", response_model=Forgotten, summary="Forget one kept answer",
               responses=responses(404))  # fmt: skip
 async def feedback_delete(prediction_id: PredictionId, state: StateDep) -> Forgotten:
     """Its record, label history and image (unless another answer has the same bytes). A

@@ -29,7 +29,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     make_version(home / "models", activate=True, metrics={"val_top1": 0.5})
     # Jobs are recorded but never run here (ALEXNET_RUN_JOBS=false): random job configs
     # must not start hours of training.
-    srv = Server(home, ALEXNET_ADMIN_TOKEN=TOKEN, ALEXNET_RUN_JOBS="false",
+    srv = Server(home, ALEXNET_ADMIN_TOKEN=TOKEN, ALEXNET_RUN_JOBS="false", ALEXNET_FEEDBACK="true",
                  ALEXNET_MAX_UPLOAD_BYTES="200000", ALEXNET_MAX_FILES="4").start()  # fmt: skip
     try:
         yield srv
