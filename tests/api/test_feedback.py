@@ -177,6 +177,34 @@ def test_jobs_on_feedback_read_a_snapshot(
         client.post(f"/admin/jobs/{j['id']}/cancel", headers=AUTH)
 
 
+def test_export_and_stats_from_the_command_line(
+    served: tuple[TestClient, ModelCard, ModelCard], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from app.cli import main
+
+    client = served[0]
+    home = Path(client.app.state.alexnet.settings.home)  # type: ignore[attr-defined]
+    monkeypatch.setenv("ALEXNET_HOME", str(home))
+    monkeypatch.setenv("ALEXNET_HOLDOUT_SPLIT", "0.5")
+    summary = client.get("/admin/feedback", headers=AUTH).json()
+    assert main(["feedback", "export", "--dataset", "from-users", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["name"] == "from-users" and out["layout"] == "pre_split"
+    assert out["holdout"]["from"] == "test folder"  # the feedback holdout, kept as it was
+    # every labelled answer of a label with train examples, once per image and label
+    assert (
+        out["images"] <= summary["labelled"]
+        and out["splits"].get("holdout", 0) <= summary["splits"]["holdout"]
+    )
+    man = client.get("/admin/datasets/from-users", headers=AUTH).json()
+    assert set(man["classes"]) <= set(CLASSES) | {"cat", "dog"}
+    assert main(["feedback", "export", "--dataset", "from-users"]) == 1  # exists: --replace
+    assert "exists" in capsys.readouterr().err
+    assert main(["feedback", "stats"]) == 0
+    assert "labelled" in capsys.readouterr().out
+
+
 def test_review_delete_and_purge(client: TestClient, images: list[bytes]) -> None:
     client.post("/admin/feedback/purge", headers=AUTH, json={"older_than_s": 0})
     ids = [classify(client, images[i])["prediction_id"] for i in (3, 4, 5)]

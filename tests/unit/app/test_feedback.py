@@ -132,6 +132,9 @@ def test_retention_and_budget_drop_unlabelled_oldest_first(
     assert s.get("0".ljust(32, "0")) is not None and s.bytes <= budget
     assert s.expire(now=now + 200) == 2  # every unlabelled one, past retention
     assert s.get("0".ljust(32, "0")) is not None and len(blobs(s)) == 1
+    with pytest.raises(FeedbackError) as err:  # an expired id is unknown now
+        s.label("3".ljust(32, "0"), "circle")
+    assert err.value.kind == "not_found" and "expired" in err.value.message
     # only labelled ones left and no room: the new answer is not kept
     s2 = store(tmp_path / "two", max_bytes=len(images[0]) + 1)
     s2.keep([answer("a", images[0])])
@@ -211,3 +214,60 @@ def test_keeper_queue_is_bounded_and_never_blocks(tmp_path: Path, images: list[b
     keeper.stop()
     assert s.get("a".ljust(32, "0")) and s.get("b".ljust(32, "0"))
     assert s.get("c".ljust(32, "0")) is None and (2, {}) in seen
+
+
+def test_a_snapshot_adds_to_a_dataset_and_alone_is_one(tmp_path: Path, images: list[bytes]) -> None:
+    from model.data import load_dataset, with_feedback
+    from tests.helpers.datasets import write_tree
+
+    s = store(tmp_path, holdout_share=0.5)
+    s.keep([answer(str(i), images[i]) for i in range(12)])
+    for i in range(12):
+        s.label(str(i).ljust(32, "0"), LABELS[i % 3])
+    data = tmp_path / "data"
+    write_tree(data / "shapes", shape_images(3, 6, seed=9))
+    (data / ".feedback").mkdir(parents=True)
+    man = s.snapshot(data / ".feedback" / "j1", LABELS)
+    n_train = sum(im.split == "trainval" for im in man.images)
+    opts = {"data_dir": data, "image_size": 64, "val_split": 0.25, "seed": 0}
+    base = load_dataset("imagefolder:shapes", **opts)  # type: ignore[arg-type]
+    fb = load_dataset("feedback:j1", **opts, pre=base.pre)  # type: ignore[arg-type]
+    assert fb.labels == LABELS and len(fb.train) + len(fb.val) == n_train
+    assert fb.test is not None and len(fb.test) == len(man.images) - n_train
+    both = with_feedback(base, fb)
+    assert len(both.train) == len(base.train) + len(fb.train)
+    assert len(both.val) == len(base.val) + len(fb.val)
+    assert both.test is base.test and both.holdout_hash == base.holdout_hash
+    assert both.split["feedback"]["train"] == len(fb.train) and both.hash != base.hash
+    x, y = both.train[len(both.train) - 1]  # a feedback image, at the dataset's size
+    assert tuple(x.shape) == tuple(base.train[0][0].shape) and 0 <= y < 3
+    s.snapshot(data / ".feedback" / "other", ["square", "circle", "triangle"])
+    with pytest.raises(ValueError, match="labels"):
+        with_feedback(base, load_dataset("feedback:other", **opts, pre=base.pre))  # type: ignore[arg-type]
+
+
+def test_promotion_on_both_holdouts() -> None:
+    from app.activation import decide
+    from model.checkpoint import ModelCard
+
+    def card(v: str) -> ModelCard:
+        return ModelCard(format_version=1, version=v, arch="alexnet", labels=LABELS,
+                         num_classes=3, image_size=64, resize_size=73, mean=(0.5,) * 3,
+                         std=(0.25,) * 3, dataset="imagefolder:shapes", dataset_hash="h",
+                         holdout_hash="hh", created_at="2026-12-01T00:00:00Z", sha256="0" * 64)  # fmt: skip
+
+    new, old = card("new"), card("old")
+    even = PairedResult(n=40, candidate_correct=20, other_correct=20, b=3, c=3)
+    fixes = PairedResult(n=20, candidate_correct=18, other_correct=6, b=12, c=0)
+    d = decide("if_better", new, old, result=even, feedback=fixes)
+    assert d.activate and "feedback holdout" in d.reason and "on both together" in d.reason
+    assert d.promotion["holdouts"]["dataset"]["size"] == 40
+    assert d.promotion["holdouts"]["feedback"]["only_candidate_right"] == 12
+    assert d.promotion["p_value"] == pytest.approx(pooled([even, fixes]).p_value)
+    # better on traffic but worse beyond chance on the dataset: refused
+    worse = PairedResult(n=40, candidate_correct=10, other_correct=30, b=0, c=20)
+    d = decide("if_better", new, old, result=worse, feedback=fixes)
+    assert not d.activate and "worse by more than chance" in d.reason
+    # the feedback holdout alone decides a job on feedback alone
+    d = decide("if_better", new, old, feedback=fixes)
+    assert d.activate and set(d.promotion["holdouts"]) == {"feedback"}
