@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast lint fmt typecheck bench bench-train bench-serve bench-decode bench-overload bench-attack-memory bench-fine-tune clean
+.PHONY: serve test test-fast lint fmt typecheck bench bench-train bench-serve bench-decode bench-overload bench-attack-memory bench-fine-tune bench-feedback clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,7 +61,10 @@ bench-attack-memory: $(VENV)/.installed-dev   ## RSS before, at peak and 60 s af
 bench-fine-tune: $(VENV)/.installed-dev   ## scratch vs fine-tuning with each freeze mode, ~6 min on 2 cores
 	$(BIN)/python bench/fine_tune.py
 
-bench: bench-decode bench-precision bench-train bench-serve bench-overload bench-attack-memory bench-fine-tune
+bench-feedback: $(VENV)/.installed-dev   ## c1 and c32 with feedback off and on, ~5 min (needs wrk)
+	$(BIN)/python bench/feedback.py
+
+bench: bench-decode bench-precision bench-train bench-serve bench-overload bench-attack-memory bench-fine-tune bench-feedback
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
