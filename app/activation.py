@@ -48,12 +48,16 @@ def holdout_note(new: ModelCard, current: ModelCard) -> str | None:
 def decide(policy: str, new: ModelCard, current: ModelCard | None, *,
            result: PairedResult | None = None, alpha: float = 0.05,
            holdout: dict[str, Any] | None = None,
-           feedback: PairedResult | None = None) -> Decision:  # fmt: skip
+           feedback: PairedResult | None = None,
+           served_data: tuple[PairedResult, str] | None = None) -> Decision:  # fmt: skip
     """The decision for a finished job's version under `policy`. `if_better` needs paired
     results (candidate vs served): `result` on the dataset's frozen holdout, `feedback` on
     the feedback holdout (labelled traffic no version trained on); either or both. With
     both, each is reported and the decision is one McNemar test on the two together (they
-    are disjoint images), refused if the candidate is worse by more than chance on either."""
+    are disjoint images), refused if the candidate is worse by more than chance on either.
+    `served_data`: a job on feedback alone has no dataset holdout of its own; the served
+    version's dataset's holdout is then reported (a sign of forgetting), not decided on:
+    the labels users gave may contradict that dataset's."""
     if current is None:
         return Decision(True, "activated: no version was being served")
     if policy == "always":
@@ -91,6 +95,16 @@ def decide(policy: str, new: ModelCard, current: ModelCard | None, *,
         nums = f"{parts[0]}; McNemar exact p={p:.4g}"
     else:
         nums = "; ".join(parts) + f"; McNemar exact p={p:.4g} on both together"
+    if served_data is not None:
+        r, spec = served_data
+        promotion["holdouts"]["served_dataset"] = {
+            "dataset": spec, "decided_on": False, "size": r.n, "candidate_top1": r.candidate_top1,
+            "served_top1": r.other_top1, "only_candidate_right": r.b, "only_served_right": r.c,
+            "p_value": r.p_value}  # fmt: skip
+        nums += (
+            f" (reported, not decided on: {r.candidate_top1:.4f} vs {r.other_top1:.4f} "
+            f"on {r.n} images of the served version's dataset {spec}'s holdout)"
+        )
     worse = [k for k, r in results.items() if r.other_top1 > r.candidate_top1 and r.p_value < alpha]
     if worse:
         text = f"not activated: worse by more than chance on {where[worse[0]]}: {nums}"
@@ -111,23 +125,24 @@ def decide(policy: str, new: ModelCard, current: ModelCard | None, *,
 
 
 def judge(new: ModelCard, current: ModelCard, *, models_dir: Path, data_dir: Path,
-          placement: Placement, holdout_share: float,
-          channels_last: bool = True) -> tuple[PairedResult, dict[str, Any]]:  # fmt: skip
-    """Both versions on the candidate's dataset's holdout, image by image (blocking: run it
-    in a thread). Each is preprocessed as its own card says, at `placement` (the served
-    device and precision). Raises DatasetError or CheckpointError."""
-    if new.dataset is None:
-        raise DatasetError(f"version {new.version} records no dataset to judge it on")
+          placement: Placement, holdout_share: float, channels_last: bool = True,
+          of: ModelCard | None = None) -> tuple[PairedResult, dict[str, Any]]:  # fmt: skip
+    """Both versions on the holdout of `of`'s dataset (default: the candidate's), image by
+    image (blocking: run it in a thread). Each is preprocessed as its own card says, at
+    `placement` (the served device and precision). Raises DatasetError or CheckpointError."""
+    ref = of or new
+    if ref.dataset is None:
+        raise DatasetError(f"version {ref.version} records no dataset to judge it on")
     reports = []
     for card in (new, current):
         net, card = load_version(models_dir / card.version)
-        reports.append(evaluate_version(net, card, new.dataset, split="holdout",
+        reports.append(evaluate_version(net, card, ref.dataset, split="holdout",
                                         data_dir=data_dir, placement=placement,
                                         channels_last=channels_last, per_item=True,
-                                        holdout_share=holdout_share, split_of=new))  # fmt: skip
+                                        holdout_share=holdout_share, split_of=ref))  # fmt: skip
     a, b = (r.result.correct or [] for r in reports)
-    holdout = {"dataset": new.dataset, "dataset_hash": new.dataset_hash,
-               "holdout_hash": new.holdout_hash, "precision": placement.precision}  # fmt: skip
+    holdout = {"dataset": ref.dataset, "dataset_hash": ref.dataset_hash,
+               "holdout_hash": ref.holdout_hash, "precision": placement.precision}  # fmt: skip
     return paired(a, b), holdout
 
 

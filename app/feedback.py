@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 Split = Literal["train", "holdout"]
 BATCH: Final = 256  # answers per transaction, at most
 LINGER_S: Final = 0.05  # after a short batch, wait this long for more
+HISTORY_KEPT: Final = 100  # labels kept per answer (the newest)
 TOP_K_KEPT: Final = 5  # each answer's top-5 is kept, whatever top_k the client asked for
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS feedback (
@@ -60,7 +61,9 @@ CREATE TABLE IF NOT EXISTS feedback (
     created_at REAL NOT NULL,
     label TEXT,
     labelled_at REAL,
-    split TEXT
+    split TEXT,
+    top1_hit INTEGER,
+    in_top5 INTEGER
 );
 CREATE INDEX IF NOT EXISTS feedback_created ON feedback (label, created_at);
 CREATE INDEX IF NOT EXISTS feedback_sha ON feedback (sha256);
@@ -111,6 +114,16 @@ def holdout_rank(sha256: str) -> float:
     return int(h[:13], 16) / 16**13
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def snapshot_names(config: Mapping[str, Any]) -> list[str]:
     """The feedback snapshots a job's config reads (`feedback:<name>`)."""
     specs = (config.get("dataset"), config.get("feedback"))
@@ -147,6 +160,12 @@ class FeedbackStore:
         self._versions: set[str] = set()
         self._labels: dict[str, list[str]] = {}
         self._dirs: set[str] = set()  # blob folders known to exist
+        # Held by whatever adds or removes blobs (keep, deletions, reconcile): a deletion
+        # never unlinks bytes a batch has just checked or renamed in.
+        self._write = threading.RLock()
+        # This process's temp files (tmp/<pid>-<random>/): another server's start leaves
+        # them alone while this process lives.
+        self._own_tmp = self.tmp / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.bytes = self._total_bytes()
 
     def close(self) -> None:
@@ -179,7 +198,12 @@ class FeedbackStore:
     def keep(self, answers: list[Answer]) -> tuple[int, dict[str, int]]:
         """Write the answers' blobs, then their records in one transaction. Returns (kept,
         {reason: dropped}); reasons: store_full (over ALEXNET_FEEDBACK_MAX_BYTES with
-        nothing unlabelled left to drop), disk_full."""
+        not enough unlabelled to drop), disk_full. Under the write lock: no deletion runs
+        between a blob's check and its record."""
+        with self._write:
+            return self._keep(answers)
+
+    def _keep(self, answers: list[Answer]) -> tuple[int, dict[str, int]]:
         dropped: dict[str, int] = {}
         rows: list[tuple[Answer, str, int]] = []
         new_blobs: dict[str, int] = {}
@@ -189,7 +213,8 @@ class FeedbackStore:
             known = sha in new_blobs or bool(self._query(
                 "SELECT 1 FROM feedback_blobs WHERE sha256 = ?", (sha,)))  # fmt: skip
             if not known:
-                if self.bytes + size > self.max_bytes and not self._make_room(size):
+                needed = {r[1] for r in rows}  # bytes this batch already counts on
+                if self.bytes + size > self.max_bytes and not self._make_room(size, needed):
                     dropped["store_full"] = dropped.get("store_full", 0) + 1
                     continue
                 try:
@@ -203,72 +228,123 @@ class FeedbackStore:
                 self.bytes += size
             rows.append((a, sha, size))
         now = time.time()
-        with self._tx() as db:
-            db.executemany("INSERT OR IGNORE INTO feedback_blobs (sha256, size, created_at) "
-                           "VALUES (?, ?, ?)", [(s, n, now) for s, n in new_blobs.items()])  # fmt: skip
-            for a, sha, _size in rows:
-                if a.version not in self._versions:
-                    db.execute("INSERT OR IGNORE INTO feedback_versions VALUES (?, ?)",
-                               (a.version, json.dumps(a.labels)))  # fmt: skip
-                    self._versions.add(a.version)
-                top = [[i, round(p, 6)] for i, p in a.top[:TOP_K_KEPT]]
-                db.execute(
-                    "INSERT OR IGNORE INTO feedback (prediction_id, sha256, version, "
-                    "predictions, predicted, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (a.prediction_id, sha, a.version, json.dumps(top),
-                     a.labels[a.top[0][0]] if a.top else "", a.created_at),
-                )  # fmt: skip
+        versions: set[str] = set()
+        try:
+            with self._tx() as db:
+                db.executemany("INSERT OR IGNORE INTO feedback_blobs (sha256, size, created_at) "
+                               "VALUES (?, ?, ?)", [(s, n, now) for s, n in new_blobs.items()])  # fmt: skip
+                for a, sha, size in rows:
+                    if (
+                        sha not in new_blobs
+                        and db.execute(
+                            "SELECT 1 FROM feedback_blobs WHERE sha256 = ?", (sha,)
+                        ).fetchone()
+                        is None
+                    ):
+                        # made room by dropping the last other answer with these bytes: the
+                        # bytes are at hand, so keep them again
+                        self._write_blob(sha, a.data)
+                        db.execute("INSERT INTO feedback_blobs (sha256, size, created_at) "
+                                   "VALUES (?, ?, ?)", (sha, size, now))  # fmt: skip
+                        new_blobs[sha] = size
+                        self.bytes += size
+                    if a.version not in self._versions:
+                        db.execute("INSERT OR IGNORE INTO feedback_versions VALUES (?, ?)",
+                                   (a.version, json.dumps(a.labels)))  # fmt: skip
+                        versions.add(a.version)
+                    top = [[i, round(p, 6)] for i, p in a.top[:TOP_K_KEPT]]
+                    db.execute(
+                        "INSERT OR IGNORE INTO feedback (prediction_id, sha256, version, "
+                        "predictions, predicted, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                        (a.prediction_id, sha, a.version, json.dumps(top),
+                         a.labels[a.top[0][0]] if a.top else "", a.created_at),
+                    )  # fmt: skip
+        except BaseException:
+            # nothing of the batch was recorded: its new blobs are not kept either
+            for sha, size in new_blobs.items():
+                self.blob_path(sha).unlink(missing_ok=True)
+                self.bytes -= size
+            raise
+        self._versions |= versions  # (after the commit: a rolled-back batch retries them)
         return len(rows), dropped
 
     def _write_blob(self, sha: str, data: bytes) -> None:
-        """Write to tmp/, rename into blobs/: a blob is whole or absent (same bytes as any
-        earlier copy, so replacing one is harmless). Plain os calls, folders made once:
-        this runs for every kept answer."""
+        """Write to this process's temp folder, rename into blobs/: a blob is whole or
+        absent (the same bytes as any earlier copy, so replacing one is harmless). Plain os
+        calls, folders made once: this runs for every kept answer."""
         folder = str(self.blobs / sha[:2])
-        if folder not in self._dirs:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            self.tmp.mkdir(parents=True, exist_ok=True)
-            self._dirs.add(folder)
-        tmp = f"{self.tmp}/{sha}.{uuid.uuid4().hex[:8]}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        for attempt in (0, 1):
+            if folder not in self._dirs:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                self._own_tmp.mkdir(parents=True, exist_ok=True)
+                self._dirs.add(folder)
+            tmp = f"{self._own_tmp}/{sha}.{uuid.uuid4().hex[:8]}"
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-            finally:
-                os.close(fd)
-            os.replace(tmp, f"{folder}/{sha}")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                finally:
+                    os.close(fd)
+                os.replace(tmp, f"{folder}/{sha}")
+                return
+            except FileNotFoundError:
+                Path(tmp).unlink(missing_ok=True)
+                if attempt:
+                    raise
+                self._dirs.clear()  # a folder went away (a purge by hand): make it again
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
 
-    def _make_room(self, size: int) -> bool:
-        """Drop the oldest unlabelled answers until `size` more bytes fit."""
+    def _make_room(self, size: int, needed: set[str]) -> bool:
+        """Drop the oldest unlabelled answers until `size` more bytes fit, never one whose
+        bytes are `needed` (by the batch being kept); nothing is dropped when even dropping
+        all that may go would not make room."""
+        if size > self.max_bytes:
+            return False
+        freeable = int(self._query(
+            "SELECT COALESCE(SUM(size), 0) FROM feedback_blobs WHERE sha256 NOT IN "
+            "(SELECT sha256 FROM feedback WHERE label IS NOT NULL)")[0][0])  # fmt: skip
+        for sha in needed:
+            row = self._query("SELECT size FROM feedback_blobs WHERE sha256 = ?", (sha,))
+            freeable -= row[0][0] if row else 0
+        if self.bytes - freeable + size > self.max_bytes:
+            return False
+        seen: set[str] = set()
         while self.bytes + size > self.max_bytes:
-            old = self._query("SELECT prediction_id FROM feedback WHERE label IS NULL "
-                              "ORDER BY created_at LIMIT 64")  # fmt: skip
-            if not old:
+            rows = self._query("SELECT prediction_id, sha256 FROM feedback WHERE label IS NULL "
+                               "ORDER BY created_at LIMIT 64 OFFSET ?", (len(seen),))  # fmt: skip
+            if not rows:
                 return False
-            for r in old:  # one at a time: no more than room needs
-                self._delete_ids([r[0]])
+            for pid, sha in rows:  # one at a time: no more than room needs
+                if sha in needed:
+                    seen.add(pid)
+                    continue
+                self._delete_ids([pid], only_unlabelled=True)
                 if self.bytes + size <= self.max_bytes:
-                    break
+                    return True
         return True
 
-    def _delete_ids(self, ids: list[str]) -> int:
-        """Delete these answers, their label history, and blobs no answer uses any more;
-        the bytes freed."""
+    def _delete_ids(self, ids: list[str], *, only_unlabelled: bool = False) -> int:
+        """Delete these answers (`only_unlabelled`: those still unlabelled in the same
+        transaction, so a label sent meanwhile keeps its answer), their label history,
+        and blobs no answer uses any more; the bytes freed."""
         if not ids:
             return 0
-        one = [(i,) for i in ids]
-        with self._tx() as db:
+        cond = " AND label IS NULL" if only_unlabelled else ""
+        with self._write, self._tx() as db:
             shas: set[str] = set()
+            gone: list[tuple[str]] = []
             for i in ids:
-                row = db.execute("SELECT sha256 FROM feedback WHERE prediction_id = ?", (i,))
-                shas.update(r[0] for r in row)
-            db.executemany("DELETE FROM feedback WHERE prediction_id = ?", one)
-            db.executemany("DELETE FROM feedback_labels WHERE prediction_id = ?", one)
+                row = db.execute("SELECT sha256 FROM feedback WHERE prediction_id = ?" + cond, (i,))  # noqa: S608
+                found = [r[0] for r in row]
+                if found:
+                    shas.update(found)
+                    gone.append((i,))
+            db.executemany("DELETE FROM feedback WHERE prediction_id = ?", gone)
+            db.executemany("DELETE FROM feedback_labels WHERE prediction_id = ?", gone)
             unused = [s for s in shas if db.execute(
                 "SELECT 1 FROM feedback WHERE sha256 = ? LIMIT 1", (s,)).fetchone() is None]  # fmt: skip
             sizes = {}
@@ -276,12 +352,13 @@ class FeedbackStore:
                 row = db.execute("SELECT size FROM feedback_blobs WHERE sha256 = ?", (sha,))
                 sizes[sha] = (row.fetchone() or (0,))[0]
                 db.execute("DELETE FROM feedback_blobs WHERE sha256 = ?", (sha,))
-        # Records first, then files: a kill between leaves an orphan blob, which reconcile
-        # removes, never a record without its image.
-        for s in unused:
-            self.blob_path(s).unlink(missing_ok=True)
-        freed = sum(sizes.values())
-        self.bytes -= freed
+            # Records first, then files (still under the write lock, so no keep renames the
+            # same bytes back in between): a kill between leaves an orphan blob, which
+            # reconcile removes, never a record without its image.
+            for s in unused:
+                self.blob_path(s).unlink(missing_ok=True)
+            freed = sum(sizes.values())
+            self.bytes -= freed
         return freed
 
     def expire(self, now: float | None = None) -> int:
@@ -292,35 +369,52 @@ class FeedbackStore:
             old = self._query("SELECT prediction_id FROM feedback WHERE label IS NULL AND "
                               "created_at < ? LIMIT 500", (cutoff,))  # fmt: skip
             if not old:
+                with self._write:
+                    self.bytes = self._total_bytes()  # (another process's deletions too)
                 return n
-            self._delete_ids([r[0] for r in old])
+            self._delete_ids([r[0] for r in old], only_unlabelled=True)
             n += len(old)
 
-    def reconcile(self) -> dict[str, int]:
-        """After a crash (at start, before the writer runs): temp files removed, blobs
-        without a record removed, records whose blob is missing or the wrong size removed."""
-        shutil.rmtree(self.tmp, ignore_errors=True)
+    def reconcile(self, *, grace_s: float = 0.0) -> dict[str, int]:
+        """After a crash (at start, before this process writes): temp files of processes
+        that are gone removed, blobs without a record removed, records whose blob is
+        missing or the wrong size removed. `grace_s`: leave blobs younger than this (another
+        live server may be between a blob and its record)."""
+        with self._write:
+            return self._reconcile(grace_s)
+
+    def _reconcile(self, grace_s: float) -> dict[str, int]:
+        if self.tmp.is_dir():
+            for d in self.tmp.iterdir():
+                pid = d.name.split("-", 1)[0]
+                if d == self._own_tmp or (pid.isdigit() and _pid_alive(int(pid))):
+                    continue
+                shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
         self._dirs.clear()
         known = {r[0]: r[1] for r in self._query("SELECT sha256, size FROM feedback_blobs")}
         used = {r[0] for r in self._query("SELECT DISTINCT sha256 FROM feedback")}
         orphans = 0
         on_disk: dict[str, int] = {}
+        young = time.time() - grace_s
         for p in self.blobs.glob("*/*"):
-            size = p.stat().st_size
-            if p.name not in known or p.name not in used or known[p.name] != size:
+            st = p.stat()
+            if p.name in known and p.name in used and known[p.name] == st.st_size:
+                on_disk[p.name] = st.st_size
+            elif grace_s and st.st_mtime > young:
+                continue
+            else:
                 p.unlink(missing_ok=True)
                 orphans += 1
-            else:
-                on_disk[p.name] = size
         gone = [s for s in known if s not in on_disk]
-        dangling = 0
-        if gone:
-            with self._tx() as db:
-                for s in gone:
-                    dangling += db.execute("DELETE FROM feedback WHERE sha256 = ?", (s,)).rowcount
-                    db.execute("DELETE FROM feedback_blobs WHERE sha256 = ?", (s,))
-                db.execute("DELETE FROM feedback_labels WHERE prediction_id NOT IN "
-                           "(SELECT prediction_id FROM feedback)")  # fmt: skip
+        with self._tx() as db:
+            dangling = 0
+            for s in gone:
+                dangling += db.execute("DELETE FROM feedback WHERE sha256 = ?", (s,)).rowcount
+                db.execute("DELETE FROM feedback_blobs WHERE sha256 = ?", (s,))
+            dangling += db.execute("DELETE FROM feedback WHERE sha256 NOT IN "
+                                   "(SELECT sha256 FROM feedback_blobs)").rowcount  # fmt: skip
+            db.execute("DELETE FROM feedback_labels WHERE prediction_id NOT IN "
+                       "(SELECT prediction_id FROM feedback)")  # fmt: skip
         self.bytes = self._total_bytes()
         if orphans or dangling:
             log.warning("feedback: removed %d blob(s) without a record and %d record(s) "
@@ -379,12 +473,22 @@ class FeedbackStore:
                         "holdout" if holdout_rank(item["sha256"]) < self.holdout_share else "train"
                     )
                 )
-            changed = db.execute("UPDATE feedback SET label = ?, labelled_at = ?, split = ? "
-                                 "WHERE prediction_id = ?", (label, now, split, prediction_id))  # fmt: skip
+            want = labels.index(label)
+            top = [i for i, _ in item["predictions"]]
+            hit, in5 = int(top[:1] == [want]), int(want in top[:TOP_K_KEPT])
+            changed = db.execute(
+                "UPDATE feedback SET label = ?, labelled_at = ?, split = ?, top1_hit = ?, "
+                "in_top5 = ? WHERE prediction_id = ?",
+                (label, now, split, hit, in5, prediction_id))  # fmt: skip
             if changed.rowcount == 0:  # deleted meanwhile
                 raise FeedbackError("not_found", f"no kept answer {prediction_id}")
-            db.execute("INSERT INTO feedback_labels (prediction_id, label, at) VALUES (?, ?, ?)",
-                       (prediction_id, label, now))  # fmt: skip
+            if item["label"] != label:  # the same label again changes nothing
+                db.execute("INSERT INTO feedback_labels (prediction_id, label, at) VALUES "
+                           "(?, ?, ?)", (prediction_id, label, now))  # fmt: skip
+                # a bounded history: the newest HISTORY_KEPT labels of each answer
+                db.execute("DELETE FROM feedback_labels WHERE prediction_id = ? AND id NOT IN "
+                           "(SELECT id FROM feedback_labels WHERE prediction_id = ? ORDER BY "
+                           "id DESC LIMIT ?)", (prediction_id, prediction_id, HISTORY_KEPT))  # fmt: skip
         return item["label"], {**item, "label": label, "labelled_at": now, "split": split}
 
     def history(self, prediction_id: str, *, last: int = -1) -> list[dict[str, Any]]:
@@ -413,9 +517,7 @@ class FeedbackStore:
         confusion = [{"predicted": r[0], "label": r[1], "count": r[2]} for r in q(
             "SELECT predicted, label, COUNT(*) FROM feedback WHERE label IS NOT NULL GROUP BY "
             "predicted, label ORDER BY 3 DESC, 1, 2 LIMIT 100")]  # fmt: skip
-        versions = []
-        for v in q("SELECT DISTINCT version FROM feedback WHERE label IS NOT NULL ORDER BY 1"):
-            versions.append(self.accuracy(v[0]))
+        versions = list(self._accuracies().values())
         return {
             "kept": kept[0], "labelled": kept[1], "unlabelled": kept[0] - kept[1],
             "bytes": self.bytes, "max_bytes": self.max_bytes, "per_label": per_label,
@@ -424,18 +526,22 @@ class FeedbackStore:
         }  # fmt: skip
 
     def accuracy(self, version: str) -> dict[str, Any]:
-        labels = self.version_labels(version) or []
-        index = {lab: i for i, lab in enumerate(labels)}
-        n = top1 = top5 = 0
-        for r in self._query("SELECT predictions, label FROM feedback WHERE version = ? AND "
-                             "label IS NOT NULL", (version,)):  # fmt: skip
-            top = [p[0] for p in json.loads(r[0])]
-            want = index.get(r[1])
-            n += 1
-            top1 += bool(top) and top[0] == want
-            top5 += want in top[:TOP_K_KEPT]
-        return {"version": version, "labelled": n,
-                "top1": _rate(top1, n), "top5": _rate(top5, n)}  # fmt: skip
+        return self._accuracies(version).get(version) or {
+            "version": version,
+            "labelled": 0,
+            "top1": _rate(0, 0),
+            "top5": _rate(0, 0),
+        }
+
+    def _accuracies(self, version: str | None = None) -> dict[str, dict[str, Any]]:
+        """Per version: labelled count, top-1 and top-5 hits (counted in SQL: the hits are
+        stored with each label)."""
+        rows = self._query(
+            "SELECT version, COUNT(*), SUM(top1_hit), SUM(in_top5) FROM feedback WHERE label "
+            "IS NOT NULL AND (? IS NULL OR version = ?) GROUP BY version ORDER BY version",
+            (version, version))  # fmt: skip
+        return {r[0]: {"version": r[0], "labelled": r[1], "top1": _rate(r[2] or 0, r[1]),
+                       "top5": _rate(r[3] or 0, r[1])} for r in rows}  # fmt: skip
 
     def items(self, *, label: str | None = None, version: str | None = None,
               wrong: bool = False, labelled: bool | None = None, limit: int = 50,
@@ -460,15 +566,18 @@ class FeedbackStore:
         rows = self._query(page, (*args, limit, offset))
         return [self._item(r) for r in rows], int(total)
 
-    def image(self, prediction_id: str) -> tuple[Path, str]:
-        """The kept upload's file and its media type. Raises FeedbackError(not_found)."""
+    def image(self, prediction_id: str) -> tuple[bytes, str]:
+        """The kept upload's bytes (at most an upload's size) and media type, read now: a
+        deletion right after cannot break the answer. Raises FeedbackError(not_found)."""
         item = self.get(prediction_id)
-        path = self.blob_path(item["sha256"]) if item else None
-        if item is None or path is None or not path.is_file():
-            raise FeedbackError("not_found", f"no kept answer {prediction_id}")
-        with path.open("rb") as f:
-            fmt = sniff_format(f.read(32))
-        return path, f"image/{(fmt or 'octet-stream').lower()}"
+        try:
+            if item is None:
+                raise FileNotFoundError
+            data = self.blob_path(item["sha256"]).read_bytes()
+        except FileNotFoundError:
+            raise FeedbackError("not_found", f"no kept answer {prediction_id}") from None
+        fmt = sniff_format(data[:32])
+        return data, f"image/{fmt.lower()}" if fmt else "application/octet-stream"
 
     def delete(self, prediction_id: str) -> int:
         """Forget one answer (its image too, unless another answer has the same bytes)."""
@@ -579,8 +688,11 @@ def export_members(store: FeedbackStore, skipped: list[str]) -> Iterator[Member]
                 dirs.add(d)
                 yield Member(d, "dir", lambda _n: b"")
         path = store.blob_path(it["sha256"])
-        with contextlib.suppress(FileNotFoundError), path.open("rb") as f:
-            fmt = (sniff_format(f.read(32)) or "bin").lower()
+        try:
+            with path.open("rb") as f:
+                fmt = (sniff_format(f.read(32)) or "bin").lower()
+        except FileNotFoundError:
+            continue  # deleted meanwhile
         rel = f"{top}/{lab}/{it['sha256'][:16]}.{ {'jpeg': 'jpg'}.get(fmt, fmt) }"
         if rel in done:
             continue
@@ -665,21 +777,21 @@ class FeedbackKeeper:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         last_expire = 0.0
         while True:
-            batch = [self._q.get()]
-            while len(batch) < BATCH and batch[-1] is not None:
+            try:  # (a timeout: retention is applied on an idle server too)
+                batch = [self._q.get(timeout=self.expire_every_s)]
+            except queue.Empty:
+                batch = []
+            while batch and len(batch) < BATCH and batch[-1] is not None:
                 try:
                     batch.append(self._q.get_nowait())
                 except queue.Empty:
                     break
-            stop = batch[-1] is None
+            stop = bool(batch) and batch[-1] is None
             answers = [a for a in batch if a is not None]
             try:
                 if answers:
                     kept, dropped = self.store.keep(answers)
                     self.on_result(kept, dropped)
-                if time.monotonic() - last_expire > self.expire_every_s:
-                    last_expire = time.monotonic()
-                    self.store.expire()
             except Exception:  # the writer must outlive whatever one batch does
                 log.exception("feedback: could not keep %d answer(s)", len(answers))
                 self.on_result(0, {"error": len(answers)})
@@ -690,9 +802,15 @@ class FeedbackKeeper:
                     ev = self._pending.pop(a.prediction_id, None)
                     if ev is not None:
                         ev.set()
+            if time.monotonic() - last_expire > self.expire_every_s:
+                last_expire = time.monotonic()
+                try:
+                    self.store.expire()
+                except Exception:
+                    log.exception("feedback: applying the retention period failed")
             if stop:
                 return
-            if len(batch) < BATCH:
+            if batch and len(batch) < BATCH:
                 # Let a few more arrive: one transaction and one wake-up for many answers
                 # (a label for an answer still queued cuts it short: wait_written).
                 self._wake.wait(LINGER_S)

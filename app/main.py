@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
 import warnings
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -18,6 +20,7 @@ from app.bootstrap import bootstrap
 from app.deps import reject_unknown_query
 from app.docs import install_docs
 from app.errors import install_handlers
+from app.feedback import snapshot_names
 from app.intake import body_limits
 from app.middleware import (
     AdminAuthMiddleware,
@@ -29,11 +32,12 @@ from app.middleware import (
     SecurityHeadersMiddleware,
     page_csp,
 )
-from app.presence import HEARTBEAT_S, announce, withdraw
+from app.presence import HEARTBEAT_S, announce, live_servers, withdraw
 from app.presence import update as update_presence
 from app.routes import admin, classify, datasets, feedback, health, models
 from app.settings import Settings
 from app.state import AppState, build_state
+from model.data import FEEDBACK_SNAPSHOTS
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +90,25 @@ async def _heartbeat(state: AppState) -> None:
             await asyncio.to_thread(update_presence, state.presence)
 
 
+def start_feedback(state: AppState) -> None:
+    """At start, before this server writes feedback: reconcile the store after a crash
+    (blobs younger than a minute are left alone while another server shares the home: it
+    may be between a blob and its record), apply retention, and remove the feedback
+    snapshots no job can read any more."""
+    others = [s for s in live_servers(state.settings.home) if s.get("pid") != os.getpid()]
+    state.feedback.reconcile(grace_s=60.0 if others else 0.0)
+    state.feedback.expire()
+    keep = {n for status in ("queued", "running", "interrupted", "cancelled")
+            for j in state.jobs.list(status=status, limit=10_000) if j.purged_at is None
+            for n in snapshot_names(j.config)}  # fmt: skip
+    root = state.settings.data_dir / FEEDBACK_SNAPSHOTS
+    if root.is_dir():
+        for d in root.iterdir():
+            busy = d.name.startswith(("judge-", ".tmp-"))  # another server's, maybe
+            if d.name not in keep and not (others and busy):
+                shutil.rmtree(d, ignore_errors=True)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -103,8 +126,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.alexnet = state
         # Imports a killed server left half-done (never a live one's: they hold a lock).
         await asyncio.to_thread(state.datasets.clean_stale)
-        if state.keeper is not None:  # what a killed writer left, before it writes again
-            await asyncio.to_thread(state.feedback.reconcile)
+        # What a killed writer left (blobs without records, records without blobs, a
+        # job's snapshot), and retention, whether or not this server keeps answers now.
+        await asyncio.to_thread(start_feedback, state)
+        if state.keeper is not None:
             state.keeper.start()
         state.batcher.start()
         if settings.run_jobs:
@@ -123,12 +148,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 task.cancel()
             await state.runner.stop()
             state.jobs.close()
-            if state.keeper is not None:
-                await asyncio.to_thread(state.keeper.stop)
-            state.feedback_executor.shutdown(wait=False, cancel_futures=True)
-            state.feedback.close()
             await state.batcher.stop(drain_timeout_s=min(5.0, settings.shutdown_timeout_s))
             state.decoder.executor.shutdown(wait=False, cancel_futures=True)
+            if state.keeper is not None:  # (after the batcher: the last answers are kept)
+                await asyncio.to_thread(state.keeper.stop)
+            state.feedback_executor.shutdown(wait=True, cancel_futures=True)
+            state.feedback.close()
 
     app = FastAPI(
         title="alexnet-service",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -150,7 +151,7 @@ class AppState:
         assert job.result_version
         card = read_card(self.registry.stored_version_dir(job.result_version))
         current = self.registry.current
-        result, holdout, failure, fb = None, None, None, None
+        result, holdout, failure, fb, served_data = None, None, None, None, None
         if (
             job.activate == "if_better"
             and current is not None
@@ -159,11 +160,16 @@ class AppState:
             s = self.settings
             try:
                 # A job on feedback alone has no dataset holdout besides the feedback one.
+                on: dict[str, Any] = {"models_dir": self.registry.models_dir, "data_dir": s.data_dir,
+                      "placement": current.placement, "holdout_share": s.holdout_split,
+                      "channels_last": s.channels_last}  # fmt: skip
                 if not (card.dataset or "").startswith("feedback:"):
-                    result, holdout = await asyncio.to_thread(
-                        judge, card, current.card, models_dir=self.registry.models_dir,
-                        data_dir=s.data_dir, placement=current.placement,
-                        holdout_share=s.holdout_split, channels_last=s.channels_last)  # fmt: skip
+                    result, holdout = await asyncio.to_thread(judge, card, current.card, **on)
+                elif current.card.dataset and not current.card.dataset.startswith("feedback:"):
+                    with contextlib.suppress(DatasetError, CheckpointError):  # (gone: none)
+                        r, _ = await asyncio.to_thread(judge, card, current.card, **on,
+                                                       of=current.card)  # fmt: skip
+                        served_data = (r, current.card.dataset)
                 fb = await asyncio.to_thread(
                     judge_feedback, card, current.card, self.feedback,
                     models_dir=self.registry.models_dir, data_dir=s.data_dir,
@@ -173,7 +179,8 @@ class AppState:
                 failure = str(exc)
                 log.warning("job %s: cannot judge %s on a holdout: %s", job.id, card.version, exc)
         d = decide(job.activate, card, current.card if current else None, result=result,
-                   alpha=self.settings.promotion_alpha, holdout=holdout, feedback=fb)  # fmt: skip
+                   alpha=self.settings.promotion_alpha, holdout=holdout, feedback=fb,
+                   served_data=served_data)  # fmt: skip
         reason = f"{d.reason}: {failure}" if failure else d.reason
         if d.activate:
             await self.activate(card.version)

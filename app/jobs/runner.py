@@ -114,6 +114,7 @@ class JobRunner:
             self.cleanup(job)
             self._catch_up(job)
             if job.result_version:
+                remove_snapshots(self.home / "data", job.config)
                 self.store.update(
                     job.id,
                     status="succeeded",

@@ -114,7 +114,7 @@ def feedback_snapshot(state: AppState, req: JobRequest) -> JobRequest:
         413: ("payload_too_large", "request body is larger than 1048576 bytes")}),
 )  # fmt: skip
 async def create_job(req: JobRequest, state: StateDep) -> JobOut:
-    if req.feedback is not None:
+    if req.feedback is not None or req.dataset.startswith("feedback:"):
         raise ValidationFailed(
             "feedback: set by the service; ask for labelled feedback with include_feedback "
             'or "dataset": "feedback"', details=[{"loc": ["body", "feedback"], "msg": "not "

@@ -7,8 +7,7 @@ import asyncio
 import hmac
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Request
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.convertors import Convertor, register_url_convertor
 
@@ -136,36 +135,25 @@ def _from_feedback_error(exc: FeedbackError) -> AppError:
     return NotFound(exc.message)
 
 
-def _check_token(state: AppState, request: Request) -> None:
+async def feedback_gate(request: Request, state: StateDep) -> None:
+    """Before the body is read: 503 while feedback is off, 401 without the feedback token
+    (when ALEXNET_FEEDBACK_TOKEN is set; compared in constant time)."""
+    if state.keeper is None:
+        raise FeedbackDisabled("feedback is off on this server: ALEXNET_FEEDBACK=true turns it "
+                               "on (it keeps what users upload)")  # fmt: skip
     token = state.settings.feedback_token
     if token is None or not token.get_secret_value():
         return
-    given = request.headers.get("authorization", "")
-    scheme, _, value = given.partition(" ")
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(
         value.strip().encode(), token.get_secret_value().encode()
     ):
         raise Unauthorized("feedback needs a bearer token (ALEXNET_FEEDBACK_TOKEN)")
 
 
-class FeedbackInfo(BaseModel):
-    enabled: bool = Field(description="whether this server keeps answers for feedback "
-                          "(ALEXNET_FEEDBACK)")  # fmt: skip
-    token_required: bool = Field(description="whether POST /v1/feedback needs a bearer token "
-                                 "(ALEXNET_FEEDBACK_TOKEN)")  # fmt: skip
-
-
-@router.get(paths.FEEDBACK, response_model=FeedbackInfo,
-            summary="Whether feedback is on here (the upload page asks)")  # fmt: skip
-async def feedback_info(state: StateDep) -> FeedbackInfo:
-    token = state.settings.feedback_token
-    return FeedbackInfo(enabled=state.keeper is not None,
-                        token_required=bool(token and token.get_secret_value()))  # fmt: skip
-
-
 @router.post(
     paths.FEEDBACK, summary="Say what an answered image really was",
-    response_model=FeedbackAnswer,
+    response_model=FeedbackAnswer, dependencies=[Depends(feedback_gate)],
     responses=responses(400, 401, 404, 413, 422, 429, 503, examples={
         400: ("invalid_request", "There was an error parsing the body"),
         404: ("not_found", "no kept answer 8f14e45fceea167a5a36dedd4bea2543: unknown, expired "
@@ -177,19 +165,13 @@ async def feedback_info(state: StateDep) -> FeedbackInfo:
         503: ("feedback_disabled", "feedback is off on this server: ALEXNET_FEEDBACK=true "
                                    "turns it on")}),
 )  # fmt: skip
-async def send_feedback(body: FeedbackRequest, request: Request, state: StateDep) -> dict[str, Any]:
+async def send_feedback(body: FeedbackRequest, state: StateDep) -> dict[str, Any]:
     """`prediction_id` from an answer of `/v1/classify` (or an entry of the batch), `label`
     one of the labels of the version that gave it (even one no longer served). A second
     label for the same answer replaces the first; the history keeps both. Needs no admin
     token (end users send it), only `ALEXNET_FEEDBACK_TOKEN` when that is set. 503
     `feedback_disabled` unless the server runs with `ALEXNET_FEEDBACK=true`."""
-    keeper = state.keeper
-    if keeper is None:
-        raise FeedbackDisabled("feedback is off on this server: ALEXNET_FEEDBACK=true turns it "
-                               "on (it keeps what users upload)")  # fmt: skip
-    _check_token(state, request)
     if state.feedback_writes >= MAX_LABEL_WRITES:
-        state.metrics.rejections.labels("429").inc()
         raise Overloaded(f"{state.feedback_writes} feedback writes are waiting; retry after "
                          "1 s", retry_after_s=1)  # fmt: skip
     state.feedback_writes += 1
@@ -204,9 +186,6 @@ async def send_feedback(body: FeedbackRequest, request: Request, state: StateDep
     out = item_out(state, new)
     outcome = "right" if out["correct"] else "top5" if out["in_top5"] else "wrong"
     state.metrics.feedback_labels.labels(new["version"], outcome).inc()
-    history = await asyncio.get_running_loop().run_in_executor(
-        state.feedback_executor, state.feedback.history, body.prediction_id
-    )
     return {**out, "previous_label": old, "history": history}
 
 
@@ -274,15 +253,15 @@ async def feedback_item(prediction_id: PredictionId, state: StateDep) -> dict[st
 
 
 @admin.get(
-    "/{prediction_id:prediction_id}/image", summary="The image of a kept answer", response_class=FileResponse,
+    "/{prediction_id:prediction_id}/image", summary="The image of a kept answer", response_class=Response,
     responses={**responses(404), 200: {"content": {"image/*": {}}}},
 )  # fmt: skip
-async def feedback_image(prediction_id: PredictionId, state: StateDep) -> FileResponse:
+async def feedback_image(prediction_id: PredictionId, state: StateDep) -> Response:
     try:
-        path, media = await asyncio.to_thread(state.feedback.image, prediction_id)
+        data, media = await asyncio.to_thread(state.feedback.image, prediction_id)
     except FeedbackError as exc:
         raise _from_feedback_error(exc) from exc
-    return FileResponse(path, media_type=media, headers={"Cache-Control": "no-store"})
+    return Response(data, media_type=media, headers={"Cache-Control": "no-store"})
 
 
 @admin.delete("/{prediction_id:prediction_id}", response_model=Forgotten, summary="Forget one kept answer",

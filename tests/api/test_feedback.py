@@ -173,8 +173,11 @@ def test_jobs_on_feedback_read_a_snapshot(
     # the snapshot is the service's to name
     bad = {"dataset": "synthetic", "feedback": "feedback:mine"}
     assert_error(client.post("/admin/jobs", headers=AUTH, json=bad), 422, "validation_error")
+    # a snapshot name is the service's to give, as a dataset too
+    bad = {"dataset": cfg["dataset"], "base": card.version}
+    assert_error(client.post("/admin/jobs", headers=AUTH, json=bad), 422, "validation_error")
     for j in client.get("/admin/jobs", headers=AUTH).json()["jobs"]:
-        client.post(f"/admin/jobs/{j['id']}/cancel", headers=AUTH)
+        assert client.delete(f"/admin/jobs/{j['id']}", headers=AUTH).status_code == 200
 
 
 def test_export_and_stats_from_the_command_line(

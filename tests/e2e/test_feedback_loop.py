@@ -171,7 +171,12 @@ def test_the_loop_from_confused_answers_to_a_promoted_fix(home: Path) -> None:
         assert job["status"] == "succeeded", job
         promo = job["promotion"]
         assert job["activated"], job["activation"]
-        assert set(promo["holdouts"]) == {"feedback"}
+        # decided on the feedback holdout; the served version's own dataset (with its
+        # swapped labels, which the users contradicted) reported beside it
+        assert set(promo["holdouts"]) == {"feedback", "served_dataset"}
+        served_data = promo["holdouts"]["served_dataset"]
+        assert served_data["dataset"] == "imagefolder:swapped" and not served_data["decided_on"]
+        assert served_data["candidate_top1"] < served_data["served_top1"]
         fb = promo["holdouts"]["feedback"]
         assert fb["size"] == sum(1 for s in splits.values() if s == "holdout")
         assert fb["candidate_top1"] > fb["served_top1"] and promo["p_value"] < 0.05

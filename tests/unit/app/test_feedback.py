@@ -159,7 +159,7 @@ def test_reconcile_after_a_crash(tmp_path: Path, images: list[bytes]) -> None:
     assert s.reconcile() == {"orphan_blobs": 1, "dangling_records": 1}
     assert [p.name for p in blobs(s)] == [hashlib.sha256(images[0]).hexdigest()]
     assert s.get("b".ljust(32, "0")) is None
-    assert not s.tmp.exists() or not any(s.tmp.iterdir())
+    assert not (s.tmp / "partial").exists()
     item = s.get("a".ljust(32, "0"))  # labels and their split survive the restart
     assert item is not None and item["label"] == "circle" and item["split"]
     assert s.bytes == len(images[0])
@@ -271,3 +271,99 @@ def test_promotion_on_both_holdouts() -> None:
     # the feedback holdout alone decides a job on feedback alone
     d = decide("if_better", new, old, feedback=fixes)
     assert d.activate and set(d.promotion["holdouts"]) == {"feedback"}
+
+
+def test_deletions_race_with_labels_and_batches(tmp_path: Path, images: list[bytes]) -> None:
+    s = store(tmp_path)
+    a, b = "a".ljust(32, "0"), "b".ljust(32, "0")
+    s.keep([answer("a", images[0])])
+    s.label(a, "circle")  # labelled after eviction picked it: eviction leaves it
+    assert s._delete_ids([a], only_unlabelled=True) == 0 and s.get(a) is not None
+    # a batch whose known bytes lose their last other answer to eviction keeps them again
+    budget = len(images[1]) + len(images[2]) - 1
+    t = store(tmp_path / "t", max_bytes=budget)
+    t.keep([answer("b", images[1])])
+    # (b's bytes are c's too: room for d is not made by dropping them)
+    assert t.keep([answer("c", images[1]), answer("d", images[2])]) == (1, {"store_full": 1})
+    item = t.get("c".ljust(32, "0"))
+    assert item is not None and t.blob_path(item["sha256"]).is_file()
+    assert t.get(b) is not None and t.bytes <= budget
+    # more than everything unlabelled could free: nothing is dropped for it
+    u = store(tmp_path / "u", max_bytes=len(images[0]) + len(images[1]))
+    u.keep([answer("e", images[0]), answer("f", images[1])])
+    u.label("e".ljust(32, "0"), "circle")
+    assert u.keep([answer("g", images[1] + b"x" * 10)]) == (0, {"store_full": 1})
+    assert u.get("f".ljust(32, "0")) is not None  # not evicted in vain
+
+
+def test_history_is_bounded_and_a_repeat_changes_nothing(
+    tmp_path: Path, images: list[bytes]
+) -> None:
+    from app.feedback import HISTORY_KEPT
+
+    s = store(tmp_path)
+    pid = "a".ljust(32, "0")
+    s.keep([answer("a", images[0])])
+    s.label(pid, "square")
+    s.label(pid, "square")
+    assert [h["label"] for h in s.history(pid)] == ["square"]
+    for i in range(HISTORY_KEPT + 5):
+        s.label(pid, LABELS[i % 3])
+    assert len(s.history(pid)) == HISTORY_KEPT and len(s.history(pid, last=3)) == 3
+    (v,) = s.summary()["versions"]
+    assert v["labelled"] == 1 and v["top1"]["correct"] == (s.get(pid)["label"] == "circle")  # type: ignore[index]
+
+
+def test_reconcile_leaves_a_live_server_alone(tmp_path: Path, images: list[bytes]) -> None:
+    import os
+
+    s = store(tmp_path)
+    s.keep([answer("a", images[0])])
+    # a live process's temp folder and a fresh blob another server has not recorded yet
+    live = s.tmp / f"{os.getpid()}-feedcafe"
+    live.mkdir(parents=True)
+    dead = s.tmp / "999999999-deadbeef"
+    dead.mkdir()
+    fresh = hashlib.sha256(images[1]).hexdigest()
+    s.blob_path(fresh).parent.mkdir(parents=True, exist_ok=True)
+    s.blob_path(fresh).write_bytes(images[1])
+    # and a record whose blob row is gone (deleted under it)
+    with s._tx() as db:
+        db.execute("INSERT INTO feedback (prediction_id, sha256, version, predictions, predicted, "
+                   "created_at) VALUES (?, ?, 'v1', '[]', 'circle', 0)", ("z" * 32, "f" * 64))  # fmt: skip
+    got = s.reconcile(grace_s=60.0)
+    assert got == {"orphan_blobs": 0, "dangling_records": 1}
+    assert live.is_dir() and not dead.exists() and s.blob_path(fresh).is_file()
+    assert s.reconcile()["orphan_blobs"] == 1  # alone now: no grace
+
+
+def test_a_full_disk_or_a_failed_commit_keeps_nothing_half(
+    tmp_path: Path, images: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+    import sqlite3
+
+    s = store(tmp_path)
+    real_write = os.write
+
+    def full(fd: int, data: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    assert s.keep([answer("a", images[0])]) == (0, {"disk_full": 1})
+    monkeypatch.setattr(os, "write", real_write)
+    assert blobs(s) == [] and s.bytes == 0 and not any(s._own_tmp.iterdir())
+    # the database refusing the batch (its own disk full): the new blobs go too
+    real_tx = s._tx
+
+    def failing_tx():  # type: ignore[no-untyped-def]
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(s, "_tx", failing_tx)
+    with pytest.raises(sqlite3.OperationalError):
+        s.keep([answer("b", images[1])])
+    monkeypatch.setattr(s, "_tx", real_tx)
+    assert blobs(s) == [] and s.bytes == 0
+    assert s.keep([answer("b", images[1])]) == (1, {})  # and its version is recorded then
+    assert s.version_labels("v1") == LABELS
