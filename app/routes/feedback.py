@@ -88,6 +88,16 @@ class FeedbackItem(BaseModel):
 
 
 class FeedbackAnswer(FeedbackItem):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "prediction_id": "8f14e45fceea167a5a36dedd4bea2543", "version": "20261127-031500-ab12",
+        "predicted": "tabby", "predictions": [
+            {"label": "tabby", "index": 281, "probability": 0.62},
+            {"label": "tiger cat", "index": 282, "probability": 0.31}],
+        "created_at": 1796160000.0, "label": "tiger cat", "labelled_at": 1796160042.5,
+        "split": "train", "correct": False, "in_top5": True,
+        "image_url": "/admin/feedback/8f14e45fceea167a5a36dedd4bea2543/image",
+        "previous_label": None, "history": [{"label": "tiger cat", "at": 1796160042.5}]}]})  # fmt: skip
+
     previous_label: str | None = Field(description="the label this one replaced, if any")
     history: list[dict[str, Any]] = Field(description="the labels sent for it, oldest first "
                                           "(the last 20 in the answer to POST /v1/feedback)")  # fmt: skip
@@ -197,7 +207,21 @@ def _label(state: AppState, prediction_id: str,
     return old, new, state.feedback.history(prediction_id, last=HISTORY)
 
 
-@admin.get("", summary="Live accuracy on labelled traffic, per version")
+_SUMMARY_EXAMPLE = {
+    "enabled": True, "kept": 5120, "labelled": 312, "unlabelled": 4808, "bytes": 402_653_184,
+    "max_bytes": 1_073_741_824, "per_label": {"tiger cat": 41, "tabby": 37},
+    "splits": {"train": 262, "holdout": 50},
+    "confusion": [{"predicted": "tabby", "label": "tiger cat", "count": 23},
+                  {"predicted": "tabby", "label": "tabby", "count": 19}],
+    "versions": [{"version": "20261127-031500-ab12", "labelled": 312,
+                  "top1": {"correct": 187, "accuracy": 0.599, "low": 0.544, "high": 0.652},
+                  "top5": {"correct": 291, "accuracy": 0.933, "low": 0.900, "high": 0.955}}],
+    "retention_days": 30.0, "serving": "20261127-031500-ab12",
+}  # fmt: skip
+
+
+@admin.get("", summary="Live accuracy on labelled traffic, per version",
+           responses={200: {"content": {"application/json": {"example": _SUMMARY_EXAMPLE}}}})  # fmt: skip
 async def feedback_summary(state: StateDep) -> dict[str, Any]:
     """Kept, labelled and unlabelled answers and their bytes; labels sent per label; the
     confusion between each answer's top-1 and the label sent (largest cells first); and per
