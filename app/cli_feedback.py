@@ -47,6 +47,9 @@ def run_feedback(args: argparse.Namespace, s: Settings) -> int:
                   f"train, {summary['splits']['holdout']} holdout")  # fmt: skip
             for v in summary["versions"]:
                 t = v["top1"]
+                if not v["labelled"]:
+                    print(f"  {v['version']}: no labelled answers yet")
+                    continue
                 print(f"  {v['version']}: top-1 {t['accuracy']:.1%} of {v['labelled']} "
                       f"(95% CI {t['low']:.1%}-{t['high']:.1%})")  # fmt: skip
             return 0

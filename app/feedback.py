@@ -534,11 +534,11 @@ class FeedbackStore:
         }
 
     def _accuracies(self, version: str | None = None) -> dict[str, dict[str, Any]]:
-        """Per version: labelled count, top-1 and top-5 hits (counted in SQL: the hits are
-        stored with each label)."""
+        """Per version that answered (with answers kept): labelled count, top-1 and top-5
+        hits (counted in SQL: the hits are stored with each label)."""
         rows = self._query(
-            "SELECT version, COUNT(*), SUM(top1_hit), SUM(in_top5) FROM feedback WHERE label "
-            "IS NOT NULL AND (? IS NULL OR version = ?) GROUP BY version ORDER BY version",
+            "SELECT version, COUNT(label), SUM(top1_hit), SUM(in_top5) FROM feedback WHERE "
+            "(? IS NULL OR version = ?) GROUP BY version ORDER BY version",
             (version, version))  # fmt: skip
         return {r[0]: {"version": r[0], "labelled": r[1], "top1": _rate(r[2] or 0, r[1]),
                        "top5": _rate(r[3] or 0, r[1])} for r in rows}  # fmt: skip
