@@ -161,6 +161,21 @@ async def feedback_gate(request: Request, state: StateDep) -> None:
         raise Unauthorized("feedback needs a bearer token (ALEXNET_FEEDBACK_TOKEN)")
 
 
+class FeedbackInfo(BaseModel):
+    enabled: bool = Field(description="whether this server keeps answers for feedback "
+                          "(ALEXNET_FEEDBACK)")  # fmt: skip
+    token_required: bool = Field(description="whether POST /v1/feedback needs a bearer token "
+                                 "(ALEXNET_FEEDBACK_TOKEN)")  # fmt: skip
+
+
+@router.get(paths.FEEDBACK, response_model=FeedbackInfo,
+            summary="Whether feedback is on here (the upload page asks)")  # fmt: skip
+async def feedback_info(state: StateDep) -> FeedbackInfo:
+    token = state.settings.feedback_token
+    return FeedbackInfo(enabled=state.keeper is not None,
+                        token_required=bool(token and token.get_secret_value()))  # fmt: skip
+
+
 @router.post(
     paths.FEEDBACK, summary="Say what an answered image really was",
     response_model=FeedbackAnswer, dependencies=[Depends(feedback_gate)],

@@ -207,3 +207,17 @@ def test_a_model_with_fewer_than_five_classes(tmp_path: Path, jpeg_photos: list[
         err = assert_error(c.post("/v1/classify?top_k=5", files={"file": photo}), 422,
                            "validation_error")  # fmt: skip
         assert "at most 4" in str(err["message"])
+
+
+def test_feedback_while_it_is_off_is_a_clear_error(
+    client: TestClient, jpeg_photos: list[Path]
+) -> None:
+    """This module's server runs without ALEXNET_FEEDBACK: nothing of an upload is kept."""
+    r = client.post("/v1/classify", files={"file": ("a.jpg", jpeg_photos[0].read_bytes())})
+    pid = r.json()["prediction_id"]
+    err = assert_error(client.post("/v1/feedback", json={"prediction_id": pid, "label": "class_1"}),
+                       503, "feedback_disabled")  # fmt: skip
+    assert "ALEXNET_FEEDBACK=true" in err["message"]
+    assert client.get("/v1/feedback").json() == {"enabled": False, "token_required": False}
+    home = client.app.state.alexnet.settings.home  # type: ignore[attr-defined]
+    assert not (Path(home) / "feedback").exists()

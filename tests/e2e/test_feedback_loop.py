@@ -121,7 +121,7 @@ def test_the_loop_from_confused_answers_to_a_promoted_fix(home: Path) -> None:
         assert val_top1 >= 0.6, confused.metrics  # it learned its (swapped) labels
 
         # Traffic: shapes it has never seen; every answer labelled with the truth
-        traffic = sorted(tinted(20, seed=21).items())
+        traffic = sorted(tinted(15, seed=21).items())
         answers = {name: classify(srv, data) for name, data in traffic}
         assert {a["model"]["version"] for a in answers.values()} == {confused.version}
         for name, a in answers.items():
