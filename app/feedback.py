@@ -517,7 +517,7 @@ class FeedbackStore:
         confusion = [{"predicted": r[0], "label": r[1], "count": r[2]} for r in q(
             "SELECT predicted, label, COUNT(*) FROM feedback WHERE label IS NOT NULL GROUP BY "
             "predicted, label ORDER BY 3 DESC, 1, 2 LIMIT 100")]  # fmt: skip
-        versions = list(self._accuracies().values())
+        versions = self._accuracies()
         return {
             "kept": kept[0], "labelled": kept[1], "unlabelled": kept[0] - kept[1],
             "bytes": self.bytes, "max_bytes": self.max_bytes, "per_label": per_label,
@@ -525,23 +525,13 @@ class FeedbackStore:
             "confusion": confusion, "versions": versions,
         }  # fmt: skip
 
-    def accuracy(self, version: str) -> dict[str, Any]:
-        return self._accuracies(version).get(version) or {
-            "version": version,
-            "labelled": 0,
-            "top1": _rate(0, 0),
-            "top5": _rate(0, 0),
-        }
-
-    def _accuracies(self, version: str | None = None) -> dict[str, dict[str, Any]]:
+    def _accuracies(self) -> list[dict[str, Any]]:
         """Per version that answered (with answers kept): labelled count, top-1 and top-5
         hits (counted in SQL: the hits are stored with each label)."""
-        rows = self._query(
-            "SELECT version, COUNT(label), SUM(top1_hit), SUM(in_top5) FROM feedback WHERE "
-            "(? IS NULL OR version = ?) GROUP BY version ORDER BY version",
-            (version, version))  # fmt: skip
-        return {r[0]: {"version": r[0], "labelled": r[1], "top1": _rate(r[2] or 0, r[1]),
-                       "top5": _rate(r[3] or 0, r[1])} for r in rows}  # fmt: skip
+        rows = self._query("SELECT version, COUNT(label), SUM(top1_hit), SUM(in_top5) FROM "
+                           "feedback GROUP BY version ORDER BY version")  # fmt: skip
+        return [{"version": r[0], "labelled": r[1], "top1": _rate(r[2] or 0, r[1]),
+                 "top5": _rate(r[3] or 0, r[1])} for r in rows]  # fmt: skip
 
     def items(self, *, label: str | None = None, version: str | None = None,
               wrong: bool = False, labelled: bool | None = None, limit: int = 50,
