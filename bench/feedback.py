@@ -20,14 +20,10 @@ import tempfile
 from pathlib import Path
 
 import httpx
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import jpeg_photos, machine, table
-from bench.serve import start, wrk
-from model.checkpoint import save_version, write_active
-from model.network import build_model
-from model.pretrained import IMAGENET_PRE
+from bench.common import machine, table
+from bench.serve import serving_home, start, wrk
 
 # Like bench/serve.py's, with the request number appended after each JPEG (unique bytes).
 LUA = """
@@ -76,17 +72,7 @@ def main() -> None:
     if not shutil.which("wrk"):
         raise SystemExit("wrk not found: apt-get install wrk")
     with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp) / "home"
-        torch.manual_seed(0)
-        net = build_model("alexnet", num_classes=1000)
-        with torch.no_grad():
-            net.classifier[6].weight.mul_(20)
-        card = save_version(home / "models", net, arch="alexnet",
-                            labels=[f"class {i}" for i in range(1000)], pre=IMAGENET_PRE)  # fmt: skip
-        write_active(home / "models", card.version)
-        photos = jpeg_photos(Path(tmp) / "photos", (640, 480))
-        script = Path(tmp) / "post.lua"
-        script.write_text(LUA % ", ".join(f'"{p}"' for p in photos))
+        home, _, _, script = serving_home(Path(tmp), LUA)
         results: dict[str, dict[int, list[dict[str, float]]]] = {"off": {}, "on": {}}
         kept: dict[str, float] = {}
         label_rate = None

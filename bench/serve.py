@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import jpeg_photos, machine, table
 from bench.launch import Server, proc_status_kb
 from model.checkpoint import (
+    ModelCard,
     load_version,
     save_version,
     write_active,
@@ -113,6 +114,24 @@ def in_process(version_dir: Path, datas: list[bytes], seconds: float) -> tuple[f
     return rate, sorted(one)[len(one) // 2]
 
 
+def serving_home(tmp: Path, lua: str) -> tuple[Path, ModelCard, list[Path], Path]:
+    """A home serving a 1000-class AlexNet at 224 (random weights, fc8 sharpened so its
+    softmax is peaked like a trained model's), 640x480 JPEG photos, and the wrk script
+    `lua` (a format string taking the photos' quoted paths) written beside them."""
+    home = tmp / "home"
+    torch.manual_seed(0)
+    net = build_model("alexnet", num_classes=1000)
+    with torch.no_grad():
+        net.classifier[6].weight.mul_(20)
+    card = save_version(home / "models", net, arch="alexnet",
+                        labels=[f"class {i}" for i in range(1000)], pre=IMAGENET_PRE)  # fmt: skip
+    write_active(home / "models", card.version)
+    photos = jpeg_photos(tmp / "photos", (640, 480))
+    script = tmp / "post.lua"
+    script.write_text(lua % ", ".join(f'"{p}"' for p in photos))
+    return home, card, photos, script
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=10)
@@ -121,17 +140,7 @@ def main() -> None:
     if not shutil.which("wrk"):
         raise SystemExit("wrk not found: apt-get install wrk")
     with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp) / "home"
-        torch.manual_seed(0)
-        net = build_model("alexnet", num_classes=1000)
-        with torch.no_grad():
-            net.classifier[6].weight.mul_(20)
-        card = save_version(home / "models", net, arch="alexnet",
-                            labels=[f"class {i}" for i in range(1000)], pre=IMAGENET_PRE)  # fmt: skip
-        write_active(home / "models", card.version)
-        photos = jpeg_photos(Path(tmp) / "photos", (640, 480))
-        script = Path(tmp) / "post.lua"
-        script.write_text(LUA % ", ".join(f'"{p}"' for p in photos))
+        home, card, photos, script = serving_home(Path(tmp), LUA)
         configs = {
             "(a) defaults": {},
             "(b) no batching, fp32": {"ALEXNET_MAX_BATCH_SIZE": "1", "ALEXNET_PRECISION": "fp32"},
