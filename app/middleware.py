@@ -100,11 +100,17 @@ def check_admin_token(token: SecretStr | None, authorization: str | None) -> Non
     the token matched)."""
     if token is None or not token.get_secret_value():
         raise AdminDisabled("the admin API is disabled: set ALEXNET_ADMIN_TOKEN to enable it")
+    if not bearer_matches(token, authorization):
+        raise Unauthorized("missing or wrong bearer token")
+
+
+def bearer_matches(token: SecretStr, authorization: str | None) -> bool:
+    """Whether `authorization` is `Bearer <token>`, compared in constant time (the time
+    taken does not tell how much of the token matched)."""
     scheme, _, given = (authorization or "").partition(" ")
     if scheme.lower() != "bearer":
         given = ""
-    if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
-        raise Unauthorized("missing or wrong bearer token")
+    return hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode())
 
 
 class AdminAuthMiddleware:

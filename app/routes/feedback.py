@@ -4,7 +4,6 @@ live accuracy per version, the kept answers to review, forgetting them."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
@@ -22,6 +21,7 @@ from app.errors import (
     responses,
 )
 from app.feedback import FeedbackError
+from app.middleware import bearer_matches
 from app.schemas import PREDICTION_ID
 from app.state import AppState
 
@@ -154,10 +154,7 @@ async def feedback_gate(request: Request, state: StateDep) -> None:
     token = state.settings.feedback_token
     if token is None or not token.get_secret_value():
         return
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        value.strip().encode(), token.get_secret_value().encode()
-    ):
+    if not bearer_matches(token, request.headers.get("authorization")):
         raise Unauthorized("feedback needs a bearer token (ALEXNET_FEEDBACK_TOKEN)")
 
 
