@@ -25,15 +25,16 @@ FAST = ["--image-size", "64", "--precision", "fp32", "--device", "cpu", "--worke
 
 def test_a_short_synthetic_run_learns(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    r = run_cli("train", "--dataset", "synthetic:1200", "--epochs", "8", "--batch-size", "32", "--precision", "fp32", "--device", "cpu",
+    r = run_cli("train", "--dataset", "synthetic:1200", "--epochs", "6", "--batch-size", "32", "--precision", "fp32", "--device", "cpu",
                 "--dropout", "0", "--image-size", "64", "--workers", "0", home=home, timeout=900)  # fmt: skip
     assert r.returncode == 0, r.stderr
     lines = [line for line in r.stdout.splitlines() if line.startswith("epoch")]
-    assert len(lines) == 8 and all("val_top1" in line and "img/s" in line for line in lines)
+    assert len(lines) == 6 and all("val_top1" in line and "img/s" in line for line in lines)
     [card] = list_cards(home / "models")
     assert read_active(home / "models") == card.version  # the first version becomes active
-    # chance is 10%; a fixed seed and a margin keep this from flaking
-    assert card.metrics["val_top1"] >= 0.25, card.metrics
+    # chance is 10%: 20% of 240 images is 5 standard deviations above it (a fixed seed, and
+    # a margin for CPUs whose float sums take another path; measured: 25-28% after 4-6 epochs)
+    assert card.metrics["val_top1"] >= 0.2, card.metrics
     out = run_cli("evaluate", "active", "--dataset", "synthetic:1200", "--json", home=home)
     assert out.returncode == 0, out.stderr
     ev = json.loads(out.stdout)
@@ -43,7 +44,7 @@ def test_a_short_synthetic_run_learns(tmp_path: Path) -> None:
 def test_sigterm_mid_epoch_saves_state_and_resume_finishes(tmp_path: Path) -> None:
     home, run_dir = tmp_path / "home", tmp_path / "run"
     events = tmp_path / "events.jsonl"
-    args = ["train", "--dataset", "synthetic:1200", "--epochs", "2", "--batch-size", "16", *FAST,
+    args = ["train", "--dataset", "synthetic:480", "--epochs", "2", "--batch-size", "16", *FAST,
             "--run-dir", str(run_dir), "--events-file", str(events)]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=REPO,
                             env={**os.environ, "ALEXNET_HOME": str(home)},
@@ -212,7 +213,7 @@ def test_a_stopped_fine_tune_resumes_without_its_base(tmp_path: Path) -> None:
     --lr, the kept layers at --lr x --base-lr-scale) and features frozen come back too."""
     home, run_dir, events = tmp_path / "home", tmp_path / "run", tmp_path / "events.jsonl"
     base = make_version(home / "models", num_classes=10, image_size=96, activate=True)
-    args = ["train", "--dataset", "synthetic:1200", "--epochs", "1", "--batch-size", "16",
+    args = ["train", "--dataset", "synthetic:480", "--epochs", "1", "--batch-size", "16",
             "--precision", "fp32", "--device", "cpu", "--workers", "0", "--base", "active",
             "--freeze", "features", "--base-lr-scale", "0.5",
             "--run-dir", str(run_dir), "--events-file", str(events)]  # fmt: skip

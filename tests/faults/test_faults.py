@@ -148,7 +148,7 @@ def test_killed_child_fails_the_job_not_the_service(
 
 def test_server_stopped_then_killed_mid_job_interrupts_and_resumes(home: Path) -> None:
     make_version(home / "models", activate=True, metrics={"val_top1": 0.1})
-    spec = {**SMALL, "dataset": "synthetic:1200", "epochs": 2}
+    spec = {**SMALL, "dataset": "synthetic:640", "epochs": 2}
     srv = Server(home, **ENV).start()
     try:
         job = api(srv, "POST", "/admin/jobs", json=spec).json()
