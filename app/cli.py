@@ -1,5 +1,5 @@
-"""The `alexnet` command: serve, train, evaluate, predict, models, datasets, feedback, gc,
-import-torchvision.
+"""The `alexnet` command: serve, train, evaluate, calibrate, predict, models, datasets,
+feedback, gc, import-torchvision.
 
 Exit status: 0 success, 1 a runtime error (one line on stderr), 2 bad usage,
 75 training interrupted with its resumable state saved (resume with --resume RUN_DIR).
@@ -69,6 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="holdout (never trained on; default when the dataset has one), val "
                         "(the version's validation split; the default otherwise) or all")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("calibrate", help="fit a temperature for a version (a new version)",
+                       description="Fit a temperature on the dataset's validation split, "
+                       "measure ECE and NLL before and after on its holdout, and write the "
+                       "result as a new version (same weights, the old one as its parent) "
+                       "with its reliability diagram and fresh parity probes.")  # fmt: skip
+    p.add_argument("model", metavar="VERSION|PATH")
+    p.add_argument("--dataset", required=True, help="a dataset with the version's labels")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--activate", action="store_true", help="make the new version active")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("predict", help="classify image files and folders (recursively)")
@@ -303,6 +314,35 @@ def cmd_import_torchvision(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from model.checkpoint import write_active
+    from model.device import resolve
+    from model.extras import calibrate_version
+
+    s = _settings()
+    placement = resolve(s.device, "fp32")
+    card, cal = calibrate_version(_version_dir(s, args.model), args.dataset,
+                                  models_dir=s.models_dir, data_dir=s.data_dir,
+                                  device=placement.device, batch_size=args.batch_size,
+                                  holdout_share=s.holdout_split)  # fmt: skip
+    if args.activate:
+        write_active(s.models_dir, card.version)
+    if args.json:
+        print(json.dumps({"version": card.version, "parent": card.parent,
+                          "activated": args.activate, "calibration": card.calibration}, indent=2))  # fmt: skip
+        return 0
+    print(
+        f"calibrated {card.parent} on {args.dataset} as version {card.version}"
+        + (" (active)" if args.activate else "")
+        + f": temperature {cal.temperature:.4f}"
+    )
+    print(
+        f"  on {cal.n} {cal.measured_on} images ({cal.bins} bins): ECE {cal.ece_before:.2%} "
+        f"-> {cal.ece_after:.2%}, NLL {cal.nll_before:.4f} -> {cal.nll_after:.4f}"
+    )
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from app.cli_eval import run_evaluate
 
@@ -359,6 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_train(args, argv)
         if args.command == "evaluate":
             return cmd_evaluate(args)
+        if args.command == "calibrate":
+            return cmd_calibrate(args)
         if args.command == "predict":
             return cmd_predict(args)
         if args.command == "models":

@@ -5,13 +5,29 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
+from app.drift import DriftTracker
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
+_CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, drift_window: int = 1000) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.top1_probability = Histogram(
+            "alexnet_top1_probability", "Top-1 probability of each answer, by version "
+            "(calibrated when the version is)", ["version"], buckets=_CONFIDENCE_BUCKETS,
+            registry=r)  # fmt: skip
+        self.uncertain = Counter(
+            "alexnet_uncertain", "Answers marked uncertain (top-1 probability below "
+            "min_confidence), by version", ["version"], registry=r)  # fmt: skip
+        self.answers = Counter("alexnet_answers", "Answers given, by version", ["version"],
+                               registry=r)  # fmt: skip
+        self.drift = DriftTracker(drift_window)
+        r.register(self.drift)
         self.requests = Counter("alexnet_requests", "HTTP requests by route and status",
                                 ["route", "method", "status"], registry=r)  # fmt: skip
         self.latency = Histogram("alexnet_request_seconds", "Total request latency by route",
@@ -47,3 +63,12 @@ class Metrics:
     def set_model(self, version: str, device: str, precision: str, compiled: bool) -> None:
         self.model_info.clear()
         self.model_info.labels(version, device, precision, str(compiled).lower()).set(1)
+
+    def answered(self, version: str, reference: list[float] | None, num_classes: int,
+                 top1: int, probability: float, uncertain: bool) -> None:  # fmt: skip
+        """One answer's confidence signals: the histogram, the counters, the drift window."""
+        self.answers.labels(version).inc()
+        self.top1_probability.labels(version).observe(probability)
+        if uncertain:
+            self.uncertain.labels(version).inc()
+        self.drift.observe(version, reference, num_classes, top1, uncertain)

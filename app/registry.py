@@ -16,7 +16,9 @@ from typing import Any
 import torch
 
 from app.memory import trim
+from model import probes
 from model.checkpoint import (
+    CARD_FILE,
     CheckpointError,
     ModelCard,
     list_cards,
@@ -28,6 +30,7 @@ from model.checkpoint import (
 )
 from model.device import Placement
 from model.files import remove_partial_saves
+from model.images import DecodeLimits, ImageError
 from model.predictor import Predictor, Row
 from model.synthetic import render
 
@@ -51,12 +54,20 @@ class LoadedModel:
         return self.card.version
 
     def info(self) -> dict[str, Any]:
-        return {
+        out = {
             **self.card.model_dump(mode="json"),
             **self.placement.describe(),
             "compiled": self.compiled,
             "precision_check": self.precision_check,
+            "calibrated": self.card.calibration is not None,
         }
+        if self.card.calibration is None:
+            out["calibration_note"] = (
+                "not calibrated: probabilities are the plain softmax, which for AlexNet is "
+                "usually over-confident; fit a temperature with alexnet calibrate "
+                f"{self.card.version} --dataset SPEC (a new version)"
+            )
+        return out
 
     def run_batch(self, batch: torch.Tensor, top_k: int) -> list[Row]:
         """Runs on the batcher's executor thread."""
@@ -70,6 +81,25 @@ def _probe_batch(predictor: Predictor, n: int) -> torch.Tensor:
     return predictor.inputs(torch.stack(imgs))
 
 
+class ParityRefused(CheckpointError):
+    """fp32 serving does not reproduce the version's probes: it is not served."""
+
+
+def parity(predictor: Predictor, version_dir: Path, card: ModelCard) -> dict[str, Any]:
+    """The probes through `predictor`'s whole serving path (model/probes.py)."""
+    precision = predictor.placement.precision
+    if not card.probes:
+        return {"precision": precision, "probes": 0, "passed": None,
+                "reason": "this version carries no probes (written before versions did)"}  # fmt: skip
+    limits = DecodeLimits()
+    try:
+        report = probes.check(card.probes, version_dir, precision,
+                              lambda data: predictor.probabilities(data, limits))  # fmt: skip
+    except (probes.ParityError, ImageError) as exc:
+        raise CheckpointError(f"{version_dir / CARD_FILE}: {exc}") from exc
+    return report.as_dict()
+
+
 def prepare(
     version_dir: Path,
     placement: Placement,
@@ -78,29 +108,49 @@ def prepare(
     compile_model: bool = False,
     warmup_batch_sizes: tuple[int, ...] = (1, 8),
 ) -> LoadedModel:
-    """Load and validate a version, place it, check reduced precision against fp32 on probe
-    images (falling back to fp32 below 99% top-1 agreement), compile if asked, warm up.
-    Blocking: call it from a worker thread."""
+    """Load and validate a version, place it, and check it before serving:
+
+    1. the parity probes at fp32 (model/probes.py): a failure refuses the version
+       (`ParityRefused`, naming the probe and the difference);
+    2. at a reduced precision, top-1 agreement with fp32 on `PROBE_IMAGES` built-in images
+       (>= 99%) and the probes within that precision's tolerance; either failing serves
+       fp32 and says why (`precision_check`).
+
+    Then compile if asked and warm up. Blocking: call it from a worker thread."""
     t0 = time.perf_counter()
     net, card = load_version(version_dir)
-    check: dict[str, Any] = {}
+    fp32 = Placement(placement.device, "fp32")
+    ref = Predictor(net, card, fp32, channels_last=channels_last)
+    check: dict[str, Any] = {"parity": {"fp32": parity(ref, version_dir, card)}}
+    if check["parity"]["fp32"]["passed"] is False:
+        why = "; ".join(check["parity"]["fp32"]["failures"])
+        raise ParityRefused(
+            f"{card.version}: refused: serving at fp32 does not reproduce what training "
+            f"computed: {why} (the preprocessing or decoder differs from the one it was "
+            "trained with, or model.json was edited)"
+        )
+    predictor = ref
     if placement.precision != "fp32":
-        fp32 = Placement(placement.device, "fp32")
-        ref = Predictor(net, card, fp32, channels_last=channels_last)
-        probes = _probe_batch(ref, PROBE_IMAGES)
-        ref_top1 = ref.top1(probes)
+        probe_x = _probe_batch(ref, PROBE_IMAGES)
+        ref_top1 = ref.top1(probe_x)
         predictor = Predictor(net, card, placement, channels_last=channels_last)
-        agreement = float((predictor.top1(probes) == ref_top1).float().mean())
-        check = {"agreement_with_fp32": agreement, "probes": PROBE_IMAGES,
-                 "requested": placement.precision}  # fmt: skip
+        agreement = float((predictor.top1(probe_x) == ref_top1).float().mean())
+        reduced = parity(predictor, version_dir, card)
+        check.update({"agreement_with_fp32": agreement, "probes": PROBE_IMAGES,
+                      "requested": placement.precision})  # fmt: skip
+        check["parity"][placement.precision] = reduced
+        reason = None
         if agreement < AGREEMENT_MIN:
-            log.warning("%s: %s agrees with fp32 on %.1f%% of probes; serving fp32",
-                        card.version, placement.precision, 100 * agreement)  # fmt: skip
+            reason = (f"{placement.precision} agrees with fp32 on {100 * agreement:.1f}% of "
+                      f"{PROBE_IMAGES} images (< {100 * AGREEMENT_MIN:.0f}%)")  # fmt: skip
+        elif reduced["passed"] is False:
+            reason = f"{placement.precision} fails the probes: {'; '.join(reduced['failures'])}"
+        if reason is not None:
+            log.warning("%s: %s; serving fp32", card.version, reason)
+            check["fallback"] = reason
             placement = fp32
             net, _ = load_version(version_dir)  # the fp32 weights, not bf16 rounded
             predictor = Predictor(net, card, fp32, channels_last=channels_last)
-    else:
-        predictor = Predictor(net, card, placement, channels_last=channels_last)
     compiled = False
     if compile_model:
         predictor.model.net = torch.compile(predictor.model.net, dynamic=False)  # type: ignore[assignment]
@@ -166,4 +216,4 @@ class Registry:
         return previous
 
 
-__all__ = ["CheckpointError", "LoadedModel", "Registry", "prepare"]
+__all__ = ["CheckpointError", "LoadedModel", "ParityRefused", "Registry", "prepare"]

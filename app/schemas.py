@@ -38,16 +38,29 @@ def new_prediction_id() -> str:
     return secrets.token_hex(16)
 
 
+UNCERTAIN = Field(False, description="the top-1 probability is below min_confidence (the "
+                  "request's, else ALEXNET_MIN_CONFIDENCE): the model is not sure; the "
+                  "predictions are still listed")  # fmt: skip
+
+
+def _min_confidence() -> Any:
+    return Field(None, description="the threshold the answers were judged against (null: "
+                 "none)", examples=[0.5])  # fmt: skip
+
+
 class ClassifyResponse(BaseModel):
     model: ModelRef
     prediction_id: str = PREDICTION_ID
     predictions: list[Prediction]
+    uncertain: bool = UNCERTAIN
+    min_confidence: float | None = _min_confidence()
 
     model_config = {"json_schema_extra": {"examples": [{
         "model": {"name": "alexnet", "version": "20261127-031500-ab12"},
         "prediction_id": "8f14e45fceea167a5a36dedd4bea2543",
         "predictions": [{"label": "tabby", "index": 281, "probability": 0.83},
                         {"label": "tiger cat", "index": 282, "probability": 0.11}],
+        "uncertain": False, "min_confidence": 0.5,
     }]}}  # fmt: skip
 
 
@@ -56,19 +69,22 @@ class FileResult(BaseModel):
     prediction_id: str | None = Field(None, description="this file's answer's id (absent "
                                       "for a file that got an error)", pattern=r"^[0-9a-f]{32}$")  # fmt: skip
     predictions: list[Prediction] | None = None
+    uncertain: bool | None = Field(None, description="as for one image (absent for a file "
+                                   "that got an error)")  # fmt: skip
     error: ErrorDetail | None = None
 
 
 class BatchResponse(BaseModel):
     model: ModelRef
     results: list[FileResult]
+    min_confidence: float | None = _min_confidence()
 
     model_config = {"json_schema_extra": {"examples": [{
         "model": {"name": "alexnet", "version": "20261127-031500-ab12"},
         "results": [
             {"filename": "cat.jpg", "prediction_id": "8f14e45fceea167a5a36dedd4bea2543",
              "predictions": [
-                {"label": "tabby", "index": 281, "probability": 0.83}]},
+                {"label": "tabby", "index": 281, "probability": 0.83}], "uncertain": False},
             {"filename": "notes.txt", "error": {
                 "code": "unsupported_media_type", "message": "not an accepted image format",
                 "details": None}},

@@ -89,6 +89,12 @@ class Settings(BaseSettings):
     feedback_queue: int = Field(1024, ge=1, le=1_000_000)
     feedback_token: SecretStr | None = None
 
+    # "Not sure" answers: an answer whose top-1 probability is below min_confidence carries
+    # "uncertain": true (None: off; a request's min_confidence query parameter overrides
+    # it). drift_window: how many recent answers per version the drift gauges look at.
+    min_confidence: float | None = Field(None, gt=0, le=1)
+    drift_window: int = Field(1000, ge=10, le=1_000_000)
+
     admin_token: SecretStr | None = None
     # Training jobs: one at a time, niced, with capped threads so serving keeps its share.
     job_threads: int = Field(0, ge=0, le=1024)  # 0: all cores but one (at least one)

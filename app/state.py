@@ -215,7 +215,7 @@ class AppState:
 
 
 def build_state(settings: Settings) -> AppState:
-    metrics = Metrics()
+    metrics = Metrics(settings.drift_window)
     registry = Registry(settings.models_dir)
     placement = resolve(settings.device, settings.precision)
 

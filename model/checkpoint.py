@@ -37,6 +37,8 @@ WEIGHTS_FILE: Final = "weights.safetensors"
 CARD_FILE: Final = "model.json"
 ACTIVE_FILE: Final = "ACTIVE"
 VERSION_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch only
+PROBE_FILE_RE: Final = re.compile(r"probes/[0-9]{2}\.(png|jpg|jpeg|webp|gif|bmp)")
+RELIABILITY_FILE: Final = "reliability.png"
 
 
 class CheckpointError(Exception):
@@ -71,6 +73,14 @@ class ModelCard(BaseModel):
     created_at: str
     num_parameters: int | None = None
     sha256: str
+    # Temperature scaling (model/calibration.py): {temperature, ece_before, ece_after,
+    # nll_before, nll_after, bins, n, ...}; None: probabilities are the plain softmax.
+    calibration: dict[str, Any] | None = None
+    # The parity check (model/probes.py): files under probes/ with their sha256 and the
+    # writer's fp32 top-5; None for a version written before versions carried them.
+    probes: list[dict[str, Any]] | None = None
+    # Each label's share of the training images (the drift gauge's reference).
+    label_distribution: list[float] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:
@@ -86,6 +96,22 @@ class ModelCard(BaseModel):
             raise ValueError(f"invalid version name {self.version!r}")
         if any(s <= 0 for s in self.std):
             raise ValueError("std values must be positive")
+        return self
+
+    @property
+    def temperature(self) -> float:
+        """What logits are divided by before the softmax (1.0 when not calibrated)."""
+        t = (self.calibration or {}).get("temperature", 1.0)
+        return float(t) if isinstance(t, (int, float)) and t > 0 else 1.0
+
+    @model_validator(mode="after")
+    def _probes_inside(self) -> ModelCard:
+        for p in self.probes or []:
+            name = p.get("file") if isinstance(p, dict) else None
+            if not isinstance(name, str) or not PROBE_FILE_RE.fullmatch(name):
+                raise ValueError(f"probes: invalid probe file name {name!r}")
+            if not isinstance(p.get("sha256"), str) or not isinstance(p.get("top5"), list):
+                raise ValueError(f"probes: {name}: sha256 and top5 are required")
         return self
 
     @property
@@ -120,6 +146,7 @@ class ModelCard(BaseModel):
             "parent": self.parent,
             "created_at": self.created_at,
             "metrics": self.metrics,
+            "calibrated": self.calibration is not None,
         }
 
 
@@ -168,10 +195,15 @@ def save_version(
     source: str = "training",
     version: str | None = None,
     weights: bytes | None = None,
+    calibration: dict[str, Any] | None = None,
+    probes: list[dict[str, Any]] | None = None,
+    label_distribution: list[float] | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> ModelCard:
     """Write a new version atomically and return its card.
 
-    Both files go into a hidden temp folder that is fsynced and then renamed to
+    Every file (the weights, model.json and `extra_files`: probe images, the reliability
+    diagram) goes into a hidden temp folder that is fsynced and then renamed to
     `<models>/<version>`: the version appears whole or not at all.
     """
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -201,11 +233,19 @@ def save_version(
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         num_parameters=count_parameters(net),
         sha256=sha256_bytes(data),
+        calibration=calibration,
+        probes=probes,
+        label_distribution=label_distribution,
     )
     tmp = models_dir / files.tmp_name(version)
     tmp.mkdir()
     try:
         files.write_file_durably(tmp / WEIGHTS_FILE, data)
+        for name, blob in (extra_files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            files.write_file_durably(tmp / name, blob)
+            if (tmp / name).parent != tmp:
+                files.fsync_dir((tmp / name).parent)
         files.write_file_durably(tmp / CARD_FILE, card_json(card))
         files.fsync_dir(tmp)
         os.rename(tmp, final)

@@ -69,8 +69,31 @@ class ImageFiles(Dataset[tuple[torch.Tensor, int]]):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.files[i]
-        img = decode_image(path.read_bytes(), min_side=self.side)
-        return self.eval_square(to_tensor(img)), label
+        return self.load(path.read_bytes()), label
+
+    def load(self, data: bytes) -> torch.Tensor:
+        """One file's bytes as this dataset yields them (the version's probes use it)."""
+        return self.eval_square(to_tensor(decode_image(data, min_side=self.side)))
+
+
+def label_counts(ds: Dataset[tuple[torch.Tensor, int]], num_classes: int) -> list[int] | None:
+    """How many images of each class `ds` holds, from its labels alone (no image is
+    decoded); None for a dataset whose labels are only known by loading it."""
+    from model.probes import dataset_item
+
+    counts = [0] * num_classes
+    for i in range(len(ds)):  # type: ignore[arg-type]
+        inner, j = dataset_item(ds, i)
+        if isinstance(inner, synthetic.SyntheticShapes):
+            label = j % len(synthetic.LABELS)
+        elif isinstance(inner, ImageFiles):
+            label = inner.files[j][1]
+        elif isinstance(inner, TensorImages):
+            label = int(inner.targets[j])
+        else:
+            return None
+        counts[label] += 1
+    return counts
 
 
 @dataclass

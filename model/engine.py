@@ -20,15 +20,18 @@ class Classifier(nn.Module):
     """Wraps a network with its input normalisation.
 
     Input: uint8 (B, 3, S, S) as produced by `EvalTransform`, or floats in [0, 1].
-    Output: logits (B, num_classes) in the network's dtype.
+    Output: logits (B, num_classes) in the network's dtype, divided by `temperature` (a
+    calibrated version's, model/calibration.py; then float32) when it is not 1.
     """
 
-    def __init__(self, net: nn.Module, pre: Preprocessing, *, channels_last: bool = False):
+    def __init__(self, net: nn.Module, pre: Preprocessing, *, channels_last: bool = False,
+                 temperature: float = 1.0):  # fmt: skip
         super().__init__()
         self.net = net
         self.norm = Normalize(pre)
         self.pre = pre
         self.channels_last = channels_last
+        self.temperature = float(temperature)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -43,18 +46,26 @@ class Classifier(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out: torch.Tensor = self.net(x)
+        if self.temperature != 1.0:
+            out = out.float() / self.temperature
         return out
 
 
 def for_inference(
-    net: nn.Module, pre: Preprocessing, placement: Placement, *, channels_last: bool = True
+    net: nn.Module,
+    pre: Preprocessing,
+    placement: Placement,
+    *,
+    channels_last: bool = True,
+    temperature: float = 1.0,
 ) -> Classifier:
     """Move `net` to the placement's device with weights in its precision (bf16 weights run
     about twice as fast as bf16 autocast for inference on CPUs with AVX-512-BF16)."""
     net = net.to(placement.device, DTYPES[placement.precision]).eval()
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    model = Classifier(net, pre, channels_last=channels_last).to(placement.device)
+    model = Classifier(net, pre, channels_last=channels_last, temperature=temperature)
+    model = model.to(placement.device)
     return model.eval()
 
 

@@ -3,6 +3,7 @@ progress, the best epoch so far and its weights, the time left, and what a run r
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from model.config import TrainConfig
 from model.data import DatasetBundle
 from model.network import build_model
 from model.run_state import write_best_weights
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,16 +80,27 @@ def to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_best(models_dir: Path, cfg: TrainConfig, bundle: DatasetBundle,
               weights: dict[str, torch.Tensor], best: dict[str, Any], *, epochs_run: int,
-              stopped_early: bool, parent: str | None) -> ModelCard:  # fmt: skip
-    """The best epoch as a new model version, with its metrics and lineage."""
+              stopped_early: bool, parent: str | None, device: torch.device | None = None,
+              workers: int = 0) -> ModelCard:  # fmt: skip
+    """The best epoch as a new model version, with its metrics and lineage, its
+    calibration, reliability diagram, probes and label distribution (model/extras.py)."""
+    from model.extras import make_extras
+
     metrics = {"val_loss": best["val_loss"], "val_top1": best["val_top1"],
                "val_top5": best["val_top5"], "train_loss": best["train_loss"],
                "best_epoch": best["epoch"], "epochs_run": epochs_run,
                "stopped_early": stopped_early}  # fmt: skip
     net = build_model(cfg.arch, num_classes=len(bundle.labels), init=None)
     net.load_state_dict(weights)
+    extras = make_extras(net, bundle, device=device or torch.device("cpu"),
+                         batch_size=max(cfg.batch_size, 64), workers=workers)  # fmt: skip
+    if extras.calibration is not None:
+        c = extras.calibration
+        log.info("calibrated: temperature %.3f; on %d %s images ECE %.2f%% -> %.2f%%, NLL "
+                 "%.4f -> %.4f", c.temperature, c.n, c.measured_on, 100 * c.ece_before,
+                 100 * c.ece_after, c.nll_before, c.nll_after)  # fmt: skip
     return save_version(models_dir, net, arch=cfg.arch, labels=bundle.labels, pre=bundle.pre,
                         metrics=metrics, dataset=bundle.spec, dataset_hash=bundle.hash,
                         holdout_hash=bundle.holdout_hash,
                         train_config={**cfg.model_dump(mode="json"), "split": bundle.split},
-                        parent=parent, weights=weights_bytes(net))  # fmt: skip
+                        parent=parent, weights=weights_bytes(net), **extras.kwargs)  # fmt: skip

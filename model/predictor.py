@@ -16,7 +16,14 @@ from torch import nn
 
 from model.checkpoint import ModelCard
 from model.device import Placement
-from model.engine import Classifier, EvalResult, evaluate, for_inference, predict
+from model.engine import (
+    Classifier,
+    EvalResult,
+    evaluate,
+    for_inference,
+    forward_logits,
+    predict,
+)
 from model.images import DecodeLimits, decode_image, to_tensor
 from model.transforms import EvalTransform
 
@@ -32,7 +39,8 @@ class Predictor:
                  channels_last: bool = True) -> None:  # fmt: skip
         self.card, self.placement = card, placement
         self.model: Classifier = for_inference(net, card.preprocessing, placement,
-                                               channels_last=channels_last)  # fmt: skip
+                                               channels_last=channels_last,
+                                               temperature=card.temperature)  # fmt: skip
         self.transform = EvalTransform(card.preprocessing)
 
     # ------------------------------------------------------------ bytes -> input tensor
@@ -52,6 +60,12 @@ class Predictor:
     def rows(self, batch: torch.Tensor, top_k: int) -> list[Row]:
         """One row per input: the top `top_k` classes and their softmax probabilities."""
         return list(predict(self.model, batch, top_k).rows())
+
+    def probabilities(self, data: bytes, limits: DecodeLimits) -> torch.Tensor:
+        """One file through the whole serving path: (num_classes,) float32 probabilities."""
+        x = self.decode(data, limits).unsqueeze(0).to(self.placement.device)
+        with torch.inference_mode():
+            return torch.softmax(forward_logits(self.model, x), dim=1)[0].cpu()
 
     def top1(self, batch: torch.Tensor) -> torch.Tensor:
         return predict(self.model, batch, 1).indices[:, 0]

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torchvision.models import AlexNet_Weights
 
+from model import probes
 from model.checkpoint import CheckpointError, ModelCard, check_state_dict, save_version
 from model.network import build_model
 from model.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
@@ -85,14 +86,22 @@ def import_torchvision(
         f"imagenet_{k.lower().replace('@', '')}": v / 100
         for k, v in meta["_metrics"]["ImageNet-1K"].items()
     }
+    labels = list(meta["categories"])
+    entries, files = probes.card_entries(
+        probes.torchvision_probes(net, WEIGHTS.transforms(), probes.sample_images()), labels
+    )
     return save_version(
         models_dir,
         net,
         arch="alexnet",
-        labels=list(meta["categories"]),
+        labels=labels,
         pre=IMAGENET_PRE,
         metrics=metrics,
         dataset="imagenet-1k",
         source="torchvision",
         parent=parent,
+        probes=entries,
+        # ImageNet-1k's training set is close to balanced (732 to 1300 images a class)
+        label_distribution=[round(1 / len(labels), 8)] * len(labels),
+        extra_files=files,
     )

@@ -304,7 +304,8 @@ class Trainer:
         if d.is_main:
             card = save_best(self.models_dir, cfg, bundle, best.weights, best.record,
                              epochs_run=len(self.history), stopped_early=early.early_stop,
-                             parent=self.parent)  # fmt: skip
+                             parent=self.parent, device=placement.device,
+                             workers=cfg.workers if cfg.workers is not None else default_workers())  # fmt: skip
         card = d.broadcast_card(card)
         if card is None:
             raise CheckpointError("no version was written")

@@ -50,6 +50,17 @@ TopK = Annotated[
 ]
 
 
+MinConfidence = Annotated[
+    float | None,
+    Query(
+        gt=0,
+        le=1,
+        description="below this top-1 probability the answer carries uncertain: true (the "
+        "predictions are still listed); default ALEXNET_MIN_CONFIDENCE (off when unset)",
+    ),
+]
+
+
 async def _watch_disconnect(request: Request) -> None:
     while True:
         message = await request.receive()
@@ -133,6 +144,19 @@ async def _classify_bytes(
     return row
 
 
+def _threshold(state: AppState, min_confidence: float | None) -> float | None:
+    return min_confidence if min_confidence is not None else state.settings.min_confidence
+
+
+def _judge(state: AppState, loaded: LoadedModel, row: Row, threshold: float | None) -> bool:
+    """Whether the answer is "not sure", and its confidence signals in the metrics."""
+    top1, p = row[0]
+    uncertain = threshold is not None and p < threshold
+    c = loaded.card
+    state.metrics.answered(c.version, c.label_distribution, c.num_classes, top1, p, uncertain)
+    return uncertain
+
+
 @router.post(
     paths.CLASSIFY,
     summary="Classify one image",
@@ -140,7 +164,8 @@ async def _classify_bytes(
     responses=responses(400, 413, 415, 422, 429, 500, 503, 504),
     openapi_extra=multipart_body("file", many=False),
 )
-async def classify(request: Request, state: StateDep, top_k: TopK = None) -> ClassifyResponse:
+async def classify(request: Request, state: StateDep, top_k: TopK = None,
+                   min_confidence: MinConfidence = None) -> ClassifyResponse:  # fmt: skip
     """Upload one image as the multipart field `file` (JPEG, PNG, WebP, GIF or BMP; the
     bytes decide, not the filename). Answers the top-k classes with softmax probabilities
     and the model version that answered."""
@@ -161,8 +186,11 @@ async def classify(request: Request, state: StateDep, top_k: TopK = None) -> Cla
         await form.close()
     pid = new_prediction_id()
     state.keep(pid, data, loaded, row)
+    threshold = _threshold(state, min_confidence)
     return ClassifyResponse(model=_model_ref(loaded), prediction_id=pid,
-                            predictions=_predictions(loaded, row[:k]))  # fmt: skip
+                            predictions=_predictions(loaded, row[:k]),
+                            uncertain=_judge(state, loaded, row, threshold),
+                            min_confidence=threshold)  # fmt: skip
 
 
 @router.post(
@@ -173,12 +201,14 @@ async def classify(request: Request, state: StateDep, top_k: TopK = None) -> Cla
     responses=responses(400, 413, 415, 422, 429, 503, 504),
     openapi_extra=multipart_body("files", many=True),
 )
-async def classify_batch(request: Request, state: StateDep, top_k: TopK = None) -> BatchResponse:
+async def classify_batch(request: Request, state: StateDep, top_k: TopK = None,
+                         min_confidence: MinConfidence = None) -> BatchResponse:  # fmt: skip
     """Upload up to `max_files` images as repeated multipart fields `files`. A bad file gets
     an `error` entry in its place and does not fail the others."""
     deadline = asyncio.get_running_loop().time() + state.settings.request_timeout_s
     loaded = state.model
     k = _top_k(loaded, top_k)
+    threshold = _threshold(state, min_confidence)
     await _admit(state, request)
     form = await read_form(
         request, max_files=state.settings.max_files, max_file_bytes=state.settings.max_upload_bytes
@@ -202,9 +232,11 @@ async def classify_batch(request: Request, state: StateDep, top_k: TopK = None) 
             pid = new_prediction_id()
             state.keep(pid, data, loaded, row)
             return FileResult(filename=name, prediction_id=pid,
-                              predictions=_predictions(loaded, row[:k]))  # fmt: skip
+                              predictions=_predictions(loaded, row[:k]),
+                              uncertain=_judge(state, loaded, row, threshold))  # fmt: skip
 
         results = await asyncio.gather(*(one(u) for u in uploads))
     finally:
         await form.close()
-    return BatchResponse(model=_model_ref(loaded), results=list(results))
+    return BatchResponse(model=_model_ref(loaded), results=list(results),
+                         min_confidence=threshold)  # fmt: skip

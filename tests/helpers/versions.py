@@ -29,22 +29,34 @@ def make_version(
     activate: bool = False,
     sharpen: float = 20.0,
     labels: list[str] | None = None,
+    probes: bool = False,
     **kw: object,
 ) -> ModelCard:
     """A small randomly initialised version; fc8 scaled by `sharpen` so its softmax is
-    peaked like a trained model's (top-k ties would make comparisons meaningless)."""
+    peaked like a trained model's (top-k ties would make comparisons meaningless).
+    `probes`: with parity probes from built-in images, answered the trainer's way."""
     torch.manual_seed(seed)
     num_classes = len(labels) if labels else num_classes
     net = build_model(arch, num_classes=num_classes)
     with torch.no_grad():
         last = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
         last.weight.mul_(sharpen)
+    pre = Preprocessing.for_size(image_size)
+    names = list(labels) if labels else [f"class_{i}" for i in range(num_classes)]
+    if probes:
+        from model.probes import card_entries, training_probes
+        from model.synthetic import SyntheticShapes
+
+        entries, files = card_entries(
+            training_probes(net, SyntheticShapes(64, pre.resize_size, seed=11), pre, 1.0), names
+        )
+        kw = {"probes": entries, "extra_files": files, **kw}
     card = save_version(
         models_dir,
         net,
         arch=arch,
-        labels=list(labels) if labels else [f"class_{i}" for i in range(num_classes)],
-        pre=Preprocessing.for_size(image_size),
+        labels=names,
+        pre=pre,
         **kw,  # type: ignore[arg-type]
     )
     if activate:
