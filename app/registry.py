@@ -100,6 +100,12 @@ def parity(predictor: Predictor, version_dir: Path, card: ModelCard) -> dict[str
     return report.as_dict()
 
 
+def _failures(report: dict[str, Any]) -> str:
+    shown, n = report["failures"][:2], report["failed"]
+    return "; ".join(shown) + (f" (and {n - len(shown)} more of {report['probes']})"
+                               if n > len(shown) else "")  # fmt: skip
+
+
 def prepare(
     version_dir: Path,
     placement: Placement,
@@ -112,9 +118,9 @@ def prepare(
 
     1. the parity probes at fp32 (model/probes.py): a failure refuses the version
        (`ParityRefused`, naming the probe and the difference);
-    2. at a reduced precision, top-1 agreement with fp32 on `PROBE_IMAGES` built-in images
-       (>= 99%) and the probes within that precision's tolerance; either failing serves
-       fp32 and says why (`precision_check`).
+    2. at a reduced precision, the probes within that precision's tolerance and top-1
+       agreement with fp32 on `PROBE_IMAGES` built-in images (>= 99%); either failing
+       serves fp32 and says why (`precision_check.fallback`).
 
     Then compile if asked and warm up. Blocking: call it from a worker thread."""
     t0 = time.perf_counter()
@@ -123,7 +129,7 @@ def prepare(
     ref = Predictor(net, card, fp32, channels_last=channels_last)
     check: dict[str, Any] = {"parity": {"fp32": parity(ref, version_dir, card)}}
     if check["parity"]["fp32"]["passed"] is False:
-        why = "; ".join(check["parity"]["fp32"]["failures"])
+        why = _failures(check["parity"]["fp32"])
         raise ParityRefused(
             f"{card.version}: refused: serving at fp32 does not reproduce what training "
             f"computed: {why} (the preprocessing or decoder differs from the one it was "
@@ -140,11 +146,11 @@ def prepare(
                       "requested": placement.precision})  # fmt: skip
         check["parity"][placement.precision] = reduced
         reason = None
-        if agreement < AGREEMENT_MIN:
+        if reduced["passed"] is False:
+            reason = f"{placement.precision} fails the probes: {_failures(reduced)}"
+        elif agreement < AGREEMENT_MIN:
             reason = (f"{placement.precision} agrees with fp32 on {100 * agreement:.1f}% of "
                       f"{PROBE_IMAGES} images (< {100 * AGREEMENT_MIN:.0f}%)")  # fmt: skip
-        elif reduced["passed"] is False:
-            reason = f"{placement.precision} fails the probes: {'; '.join(reduced['failures'])}"
         if reason is not None:
             log.warning("%s: %s; serving fp32", card.version, reason)
             check["fallback"] = reason

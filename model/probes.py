@@ -188,7 +188,7 @@ class ParityReport:
     def as_dict(self) -> dict[str, Any]:
         return {"precision": self.precision, "probes": self.probes, "passed": self.passed,
                 "max_difference": round(self.max_diff, 6), "tolerance": self.tolerance,
-                "failures": self.failures[:5]}  # fmt: skip
+                "failed": len(self.failures), "failures": self.failures[:5]}  # fmt: skip
 
 
 def check(entries: Sequence[dict[str, Any]], version_dir: Path, precision: str,

@@ -30,6 +30,7 @@ def make_version(
     sharpen: float = 20.0,
     labels: list[str] | None = None,
     probes: bool = False,
+    bf16_fragile: bool = False,
     **kw: object,
 ) -> ModelCard:
     """A small randomly initialised version; fc8 scaled by `sharpen` so its softmax is
@@ -41,6 +42,14 @@ def make_version(
     with torch.no_grad():
         last = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
         last.weight.mul_(sharpen)
+        if bf16_fragile:
+            # Classes 0 and 1 get weights of exactly 64.0 (a bf16 value), class 1's plus
+            # 0.2, less than half of bf16's step of 0.5 there: in fp32 class 1 wins by
+            # 0.2 x sum(fc7 activations) in logit; with bf16 weights the rows are equal
+            # and the two tie. A real precision failure, on every CPU.
+            last.weight[0].fill_(64.0)
+            last.weight[1].fill_(64.2)
+            last.bias[:2].zero_()
     pre = Preprocessing.for_size(image_size)
     names = list(labels) if labels else [f"class_{i}" for i in range(num_classes)]
     if probes:

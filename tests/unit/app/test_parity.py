@@ -1,0 +1,105 @@
+"""The parity check at load time (app/registry.py: prepare, model/probes.py): the whole
+serving path must reproduce what the version's writer computed for its probes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import model.engine
+import model.predictor
+from app.registry import ParityRefused, prepare
+from model.checkpoint import CheckpointError
+from model.device import Placement
+from model.transforms import EvalTransform, Normalize, Preprocessing
+from tests.helpers.versions import make_version
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def version(models: Path) -> Path:
+    card = make_version(models, probes=True)
+    assert card.probes and len(card.probes) == 8
+    assert all((models / card.version / p["file"]).is_file() for p in card.probes)
+    return models / card.version
+
+
+def test_a_version_that_matches_is_served_and_the_report_says_so(version: Path) -> None:
+    loaded = prepare(version, Placement(CPU, "fp32"))
+    report = loaded.precision_check["parity"]["fp32"]
+    assert report["passed"] is True and report["probes"] == 8
+    assert report["max_difference"] <= 1e-4  # the same machine, the same code
+
+
+class _OtherResize(EvalTransform):
+    def __init__(self, pre: Preprocessing) -> None:
+        super().__init__(Preprocessing(pre.image_size, pre.resize_size + 8, pre.resize,
+                                       pre.mean, pre.std))  # fmt: skip
+
+
+class _OtherMean(Normalize):
+    def __init__(self, pre: Preprocessing) -> None:
+        super().__init__(Preprocessing(pre.image_size, pre.resize_size, pre.resize,
+                                       (0.5, 0.5, 0.5), pre.std))  # fmt: skip
+
+
+@pytest.mark.parametrize("broken", ["resize", "mean"])
+def test_a_broken_serving_transform_is_refused(
+    version: Path, broken: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if broken == "resize":
+        monkeypatch.setattr(model.predictor, "EvalTransform", _OtherResize)
+    else:
+        monkeypatch.setattr(model.engine, "Normalize", _OtherMean)
+    with pytest.raises(ParityRefused, match=r"refused: .*probe probes/\d\d\.png: .*writer"):
+        prepare(version, Placement(CPU, "fp32"))
+
+
+def test_an_edited_model_json_is_refused(models: Path, version: Path) -> None:
+    copy = models / "edited"
+    copy.mkdir()
+    for f in version.rglob("*"):
+        if f.is_file():
+            (copy / f.relative_to(version)).parent.mkdir(parents=True, exist_ok=True)
+            (copy / f.relative_to(version)).write_bytes(f.read_bytes())
+    doc = json.loads((copy / "model.json").read_text())
+    doc["mean"] = [0.3, 0.3, 0.3]
+    (copy / "model.json").write_text(json.dumps(doc))
+    with pytest.raises(ParityRefused, match="model.json was edited"):
+        prepare(copy, Placement(CPU, "fp32"))
+    # a changed probe file is refused like changed weights
+    doc["mean"] = list(json.loads((version / "model.json").read_text())["mean"])
+    (copy / "model.json").write_text(json.dumps(doc))
+    (copy / "probes" / "03.png").write_bytes((copy / "probes" / "04.png").read_bytes())
+    with pytest.raises(CheckpointError, match=r"probe probes/03.png: sha256 does not match"):
+        prepare(copy, Placement(CPU, "fp32"))
+
+
+def test_a_reduced_precision_that_fails_the_probes_falls_back_to_fp32(models: Path) -> None:
+    card = make_version(models, probes=True, bf16_fragile=True)
+    loaded = prepare(models / card.version, Placement(CPU, "bf16"))
+    check = loaded.precision_check
+    assert loaded.placement.precision == "fp32"
+    assert check["parity"]["fp32"]["passed"] is True
+    assert check["parity"]["bf16"]["passed"] is False
+    assert check["fallback"].startswith("bf16 fails the probes: probe probes/")
+
+
+def test_a_version_without_probes_still_loads_and_says_it_was_not_checked(models: Path) -> None:
+    card = make_version(models)
+    loaded = prepare(models / card.version, Placement(CPU, "fp32"))
+    report = loaded.precision_check["parity"]["fp32"]
+    assert report["passed"] is None and "no probes" in report["reason"]
+    assert (
+        loaded.info()["calibrated"] is False
+        and "alexnet calibrate" in loaded.info()["calibration_note"]
+    )
