@@ -39,6 +39,8 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)  # fmt: skip
         self.queue_depth = Gauge("alexnet_queue_depth", "Images waiting for the model",
                                  registry=r)  # fmt: skip
+        self.ready = Gauge("alexnet_ready", "1 while a model is loaded and warm (GET /readyz "
+                           "answers 200), else 0", registry=r)  # fmt: skip
         self.rejections = Counter("alexnet_rejections", "Refused uploads and requests by reason",
                                   ["reason"], registry=r)  # fmt: skip
         self.predictions = Counter("alexnet_predictions", "Top-1 predictions by label (drift)",

@@ -94,7 +94,7 @@ def parity(predictor: Predictor, version_dir: Path, card: ModelCard) -> dict[str
     limits = DecodeLimits()
     try:
         report = probes.check(card.probes, version_dir, precision,
-                              lambda data: predictor.probabilities(data, limits))  # fmt: skip
+                              lambda data: predictor.scores(data, limits))  # fmt: skip
     except (probes.ParityError, ImageError) as exc:
         raise CheckpointError(f"{version_dir / CARD_FILE}: {exc}") from exc
     return report.as_dict()

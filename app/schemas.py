@@ -102,7 +102,9 @@ class VersionSummary(BaseModel):
     parent: str | None
     created_at: str
     metrics: dict[str, Any]
-    size_bytes: int = Field(description="bytes on disk (weights and model.json)")
+    size_bytes: int = Field(description="bytes on disk (weights, model.json, probes, diagram)")
+    calibrated: bool = Field(False, description="carries a fitted temperature "
+                             "(GET /v1/models/{version}/reliability.png)")  # fmt: skip
     active: bool
     serving: bool
 

@@ -61,11 +61,13 @@ class Predictor:
         """One row per input: the top `top_k` classes and their softmax probabilities."""
         return list(predict(self.model, batch, top_k).rows())
 
-    def probabilities(self, data: bytes, limits: DecodeLimits) -> torch.Tensor:
-        """One file through the whole serving path: (num_classes,) float32 probabilities."""
+    def scores(self, data: bytes, limits: DecodeLimits) -> tuple[torch.Tensor, torch.Tensor]:
+        """One file through the whole serving path: its (num_classes,) float32
+        probabilities (with the version's temperature) and logits (before it)."""
         x = self.decode(data, limits).unsqueeze(0).to(self.placement.device)
         with torch.inference_mode():
-            return torch.softmax(forward_logits(self.model, x), dim=1)[0].cpu()
+            out = forward_logits(self.model, x)[0].cpu()
+        return torch.softmax(out, dim=0), out * self.model.temperature
 
     def top1(self, batch: torch.Tensor) -> torch.Tensor:
         return predict(self.model, batch, 1).indices[:, 0]

@@ -10,7 +10,8 @@ temperature) must reproduce them when the version is loaded:
 
 - the same top-1 on every probe, unless the expected top-2 is within the tolerance of the
   top-1 (a tie at that precision, not a disagreement);
-- each of the expected top-5 probabilities within `TOLERANCE[precision]` (absolute).
+- each of the expected top-5 probabilities within `TOLERANCE[precision]` (absolute), and
+  each of their logits within `LOGIT_TOLERANCE[precision]` of the probe's logit spread.
 
 A probe's hash is in model.json, so a changed probe file is refused like changed weights.
 """
@@ -37,11 +38,19 @@ PROBES_DIR: Final = "probes"
 COUNT: Final = 8  # probes per version
 CANDIDATES: Final = 64  # validation images scored to choose them
 MAX_FILE_BYTES: Final = 256 * 1024  # a larger source file is re-encoded (JPEG) smaller
-# Absolute difference allowed on each expected top-5 probability. fp32 leaves room for
-# another CPU's or GPU's float sums and for the trainer's and the server's resize
-# arithmetic (the trainer makes a square of the shorter side first); reduced precisions
-# for their rounding (bf16 keeps 8 bits of mantissa, fp16 11).
+# What a probe may differ by, per precision, on each of its expected top-5 classes:
+# - the probability, absolutely (TOLERANCE);
+# - the logit (before the temperature), relative to the spread of the probe's logits over
+#   all classes (their standard deviation: LOGIT_TOLERANCE). Scale-free, so it also holds a
+#   version whose probabilities are all close (few classes learnt, or a high temperature)
+#   to its preprocessing, where a probability difference says little.
+# fp32 leaves room for another CPU's or GPU's float sums and for the trainer's and the
+# server's resize arithmetic (the trainer squares the shorter side first); reduced
+# precisions for their rounding (bf16 keeps 8 bits of mantissa, fp16 11). Measured on a
+# 2-core EPYC (docs/benchmarks.md): bf16 moves logits by <= 0.014 of their spread; another
+# mean or a resize 8 px larger by 0.06 to 0.4.
 TOLERANCE: Final = {"fp32": 0.02, "fp16": 0.05, "bf16": 0.12}
+LOGIT_TOLERANCE: Final = {"fp32": 0.04, "fp16": 0.06, "bf16": 0.1}
 
 
 class ParityError(Exception):
@@ -55,7 +64,8 @@ class Probe:
     data: bytes
     ext: str
     label: int | None  # its true label, when it has one (validation data)
-    probs: torch.Tensor  # (C,) fp32 probabilities the writer computed
+    probs: torch.Tensor  # (C,) fp32 probabilities the writer computed (with temperature)
+    logits: torch.Tensor  # (C,) fp32 logits the writer computed (before it)
 
 
 def encode_png(chw: torch.Tensor) -> bytes:
@@ -110,7 +120,9 @@ def card_entries(probes: Sequence[Probe], labels: Sequence[str],
         entries.append({
             "file": name, "sha256": hashlib.sha256(p.data).hexdigest(),
             "label": labels[p.label] if p.label is not None else None,
-            "top5": [{"index": int(j), "label": labels[int(j)], "probability": round(float(v), 6)}
+            "logit_std": round(float(p.logits.std()), 6),
+            "top5": [{"index": int(j), "label": labels[int(j)], "probability": round(float(v), 6),
+                      "logit": round(float(p.logits[int(j)]), 5)}
                      for v, j in zip(values, idx, strict=True)],
         })  # fmt: skip
         files[name] = p.data
@@ -161,13 +173,15 @@ def training_probes(net: torch.nn.Module, val: Dataset[Any], pre: Any, temperatu
             sources.append((encode_png(x), "png", int(label), x))
     model = Classifier(net.cpu().float().eval(), pre)
     tf = EvalTransform(pre)
-    probs = []
+    outs = []
     for start in range(0, n, 16):
         xs = torch.stack([tf(s[3]) for s in sources[start : start + 16]])
         with torch.inference_mode():
-            probs.append(F.softmax(forward_logits(model, xs) / temperature, dim=1))
-    allp = torch.cat(probs)
-    return select([Probe(d, e, lab, allp[k]) for k, (d, e, lab, _) in enumerate(sources)], count)
+            outs.append(forward_logits(model, xs))
+    logits = torch.cat(outs)
+    probs = F.softmax(logits / temperature, dim=1)
+    return select([Probe(d, e, lab, probs[k], logits[k])
+                   for k, (d, e, lab, _) in enumerate(sources)], count)  # fmt: skip
 
 
 # ------------------------------------------------------------------ the server's side
@@ -177,8 +191,10 @@ def training_probes(net: torch.nn.Module, val: Dataset[Any], pre: Any, temperatu
 class ParityReport:
     precision: str
     tolerance: float
+    logit_tolerance: float
     probes: int = 0
     max_diff: float = 0.0
+    max_logit_diff: float = 0.0  # relative to each probe's logit spread
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -188,16 +204,19 @@ class ParityReport:
     def as_dict(self) -> dict[str, Any]:
         return {"precision": self.precision, "probes": self.probes, "passed": self.passed,
                 "max_difference": round(self.max_diff, 6), "tolerance": self.tolerance,
+                "max_logit_difference": round(self.max_logit_diff, 6),
+                "logit_tolerance": self.logit_tolerance,
                 "failed": len(self.failures), "failures": self.failures[:5]}  # fmt: skip
 
 
 def check(entries: Sequence[dict[str, Any]], version_dir: Path, precision: str,
-          probabilities: Callable[[bytes], torch.Tensor]) -> ParityReport:  # fmt: skip
-    """Run each probe file through `probabilities` (bytes -> (C,) probabilities: the
+          scores: Callable[[bytes], tuple[torch.Tensor, torch.Tensor]]) -> ParityReport:  # fmt: skip
+    """Run each probe file through `scores` (bytes -> (C,) probabilities and logits: the
     serving path) and compare with what model.json expects. Raises `ParityError` for a
     missing or changed probe file (the version is not what was written)."""
     tol = TOLERANCE.get(precision, TOLERANCE["fp16"])
-    report = ParityReport(precision, tol)
+    ltol = LOGIT_TOLERANCE.get(precision, LOGIT_TOLERANCE["fp16"])
+    report = ParityReport(precision, tol, ltol)
     for e in entries:
         path = version_dir / e["file"]
         try:
@@ -207,11 +226,16 @@ def check(entries: Sequence[dict[str, Any]], version_dir: Path, precision: str,
         if hashlib.sha256(data).hexdigest() != e["sha256"]:
             raise ParityError(f"probe {e['file']}: sha256 does not match model.json's: the "
                               "file is corrupt or was replaced")  # fmt: skip
-        got = probabilities(data)
+        got, logits = scores(data)
         expected = e["top5"]
         diffs = [abs(float(got[t["index"]]) - t["probability"]) for t in expected]
         worst = max(diffs, default=0.0)
         report.max_diff = max(report.max_diff, worst)
+        spread = max(float(e.get("logit_std") or 0.0), 1e-6)
+        ldiffs = [abs(float(logits[t["index"]]) - t["logit"]) / spread
+                  for t in expected if "logit" in t]  # fmt: skip
+        lworst = max(ldiffs, default=0.0)
+        report.max_logit_diff = max(report.max_logit_diff, lworst)
         report.probes += 1
         top1, served = expected[0], int(got.argmax())
         tie = len(expected) > 1 and expected[0]["probability"] - expected[1]["probability"] <= tol
@@ -226,6 +250,12 @@ def check(entries: Sequence[dict[str, Any]], version_dir: Path, precision: str,
                 f"probe {e['file']}: p({t['label']!r}) {float(got[t['index']]):.4f} where the "
                 f"writer computed {t['probability']:.4f} (difference {worst:.4f} > {tol} at "
                 f"{precision})")  # fmt: skip
+        elif lworst > ltol:
+            t = [t for t in expected if "logit" in t][ldiffs.index(lworst)]
+            report.failures.append(
+                f"probe {e['file']}: logit({t['label']!r}) {float(logits[t['index']]):.4f} where "
+                f"the writer computed {t['logit']:.4f} ({lworst:.3f} of the probe's logit "
+                f"spread > {ltol} at {precision})")  # fmt: skip
     return report
 
 
@@ -262,5 +292,6 @@ def torchvision_probes(net: torch.nn.Module, transforms: Callable[[Image.Image],
             xs.append(transforms(im.convert("RGB")))
     net = net.cpu().float().eval()
     with torch.inference_mode():
-        probs = F.softmax(net(torch.stack(xs)).float(), dim=1)
-    return [Probe(d, "jpg", None, probs[i]) for i, d in enumerate(images)]
+        logits = net(torch.stack(xs)).float()
+    probs = F.softmax(logits, dim=1)
+    return [Probe(d, "jpg", None, probs[i], logits[i]) for i, d in enumerate(images)]

@@ -30,4 +30,5 @@ async def readyz(state: StateDep) -> Readiness:
             responses={200: {"content": {"text/plain": {"example": "alexnet_queue_depth 0.0\n"}}}})  # fmt: skip
 async def metrics(state: StateDep) -> Response:
     state.metrics.queue_depth.set(state.batcher.depth)
+    state.metrics.ready.set(1 if state.registry.current is not None else 0)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
