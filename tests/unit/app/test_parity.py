@@ -74,7 +74,7 @@ def test_an_edited_model_json_is_refused(models: Path, version: Path) -> None:
     doc = json.loads((copy / "model.json").read_text())
     doc["mean"] = [0.3, 0.3, 0.3]
     (copy / "model.json").write_text(json.dumps(doc))
-    with pytest.raises(ParityRefused, match="model.json was edited"):
+    with pytest.raises(ParityRefused, match=r"model\.json was edited"):
         prepare(copy, Placement(CPU, "fp32"))
     # a changed probe file is refused like changed weights
     doc["mean"] = list(json.loads((version / "model.json").read_text())["mean"])

@@ -67,7 +67,7 @@ def test_a_perfectly_calibrated_model_has_an_ece_near_zero() -> None:
 
 
 def test_temperature_never_changes_the_ranking_and_is_clamped() -> None:
-    z, labels = _sampled(1.0, n=500)
+    z, _ = _sampled(1.0, n=500)
     for t in (0.3, 3.0):
         assert torch.equal((z / t).argsort(dim=1), z.argsort(dim=1))
     # logits that carry no information: the best T is huge, and is clamped
