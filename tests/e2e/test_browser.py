@@ -38,13 +38,15 @@ def test_upload_page_shows_top5_bars_and_errors(
     card = make_version(home / "models", activate=True)
     bad = tmp_path / "notes.txt"
     bad.write_text("not an image")
-    with Server(home) as srv:
+    # every top-1 is below 1: each answer is "not sure", and the page says so
+    with Server(home, ALEXNET_MIN_CONFIDENCE="1.0") as srv:
         page = browser.new_page()  # type: ignore[attr-defined]
         requests_outside: list[str] = []
         page.on("request", lambda r: None if r.url.startswith(srv.url) or r.url.startswith("blob:")
                 else requests_outside.append(r.url))  # fmt: skip
         page.goto(srv.url + "/")
         page.wait_for_selector(f"text=model {card.version}")
+        assert "not calibrated" in page.inner_text("#model")
         page.set_input_files("#files", [str(jpeg_photos[0]), str(jpeg_photos[1]), str(bad)])
         page.wait_for_selector(".card.done >> nth=1", timeout=30_000)
         page.wait_for_selector(".card.failed", timeout=30_000)
@@ -58,6 +60,9 @@ def test_upload_page_shows_top5_bars_and_errors(
             pct = [float(r.query_selector(".pct").inner_text().rstrip("%")) for r in rows]  # type: ignore[union-attr]
             assert pct == sorted(pct, reverse=True) and pct[0] > 0
             assert c.query_selector("img").evaluate("i => i.naturalWidth") > 0  # type: ignore[union-attr]
+            unsure = c.query_selector(".unsure")
+            assert unsure is not None and "not sure" in unsure.inner_text()
+            assert "below 100%" in unsure.inner_text() and "uncertain" in (c.get_attribute("class") or "")
         failed = page.query_selector(".card.failed .error")
         assert failed is not None and "unsupported_media_type" in failed.inner_text()
         assert requests_outside == []  # no CDN, works offline
