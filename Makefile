@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast lint fmt typecheck bench bench-train bench-serve bench-decode bench-overload bench-attack-memory bench-fine-tune bench-feedback clean
+.PHONY: serve test test-fast lint fmt typecheck bench bench-train bench-serve bench-decode bench-overload bench-attack-memory bench-fine-tune bench-feedback bench-calibration clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ bench-decode: $(VENV)/.installed-dev
 
 bench-precision: $(VENV)/.installed-dev
 	$(BIN)/python bench/precision.py
+
+bench-calibration: $(VENV)/.installed-dev   ## ECE and NLL before/after temperature scaling
+	$(BIN)/python bench/calibration.py
 
 bench-train: $(VENV)/.installed-dev
 	$(BIN)/python bench/train.py

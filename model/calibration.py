@@ -51,6 +51,31 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, steps: int = 
     return min(max(t, T_MIN), T_MAX)
 
 
+MIN_FIT: Final = 20  # validation images below which no temperature is fitted
+
+
+def checked_temperature(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, str | None]:
+    """The temperature to use, and why it is 1 when it is.
+
+    T is fitted on the whole validation split, but only kept when it also helps on data it
+    was not fitted on: fitted on each half (alternate images), it must lower the summed NLL
+    of the other half against T = 1. A split with almost no mistakes makes the fit sharpen
+    without bound (every confident answer was right), which then costs dearly on the first
+    mistake elsewhere; this catches that without touching the holdout."""
+    n = int(labels.numel())
+    if n < MIN_FIT:
+        return 1.0, f"only {n} validation images (< {MIN_FIT}): no temperature fitted"
+    halves = (torch.arange(0, n, 2), torch.arange(1, n, 2))
+    gain = 0.0
+    for fit_on, test_on in (halves, halves[::-1]):
+        t = fit_temperature(logits[fit_on], labels[fit_on])
+        gain += nll(logits[test_on], labels[test_on]) - nll(logits[test_on], labels[test_on], t)
+    if gain <= 0:
+        return 1.0, ("a temperature fitted on half of the validation split made the other half "
+                     "worse (too few mistakes there to fit one): kept T = 1")  # fmt: skip
+    return fit_temperature(logits, labels), None
+
+
 def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of the true labels under softmax(logits / T)."""
     if logits.numel() == 0:
@@ -114,6 +139,7 @@ class Calibration:
     measured_on: str  # where the numbers come from ("holdout", or "val" without one)
     before: Reliability
     after: Reliability
+    note: str | None = None  # why T is 1, when no fitted temperature was kept
 
     def card(self) -> dict[str, Any]:
         def num(x: float) -> float | None:
@@ -123,22 +149,24 @@ class Calibration:
                 "ece_after": num(self.ece_after), "nll_before": num(self.nll_before),
                 "nll_after": num(self.nll_after), "bins": self.bins, "n": self.n,
                 "fitted_on": self.fitted_on, "fitted_n": self.fitted_n,
-                "measured_on": self.measured_on}  # fmt: skip
+                "measured_on": self.measured_on,
+                **({"note": self.note} if self.note else {})}  # fmt: skip
 
 
 def calibrate(fit: tuple[torch.Tensor, torch.Tensor],
               measure: tuple[torch.Tensor, torch.Tensor] | None, *,
               bins: int = BINS) -> Calibration:  # fmt: skip
-    """Fit T on `fit` (logits, labels) and measure before/after on `measure` (the
-    holdout; the fit split itself when there is none, which the card then says)."""
-    t = fit_temperature(*fit)
+    """Fit T on `fit` (logits, labels; `checked_temperature`) and measure before/after on
+    `measure` (the holdout; the fit split itself when there is none, which the card then
+    says)."""
+    t, note = checked_temperature(*fit)
     where = "holdout" if measure is not None and measure[0].shape[0] else "val"
     logits, labels = measure if where == "holdout" and measure is not None else fit
     before = reliability(F.softmax(logits.double(), dim=1), labels, bins)
     after = reliability(F.softmax(logits.double() / t, dim=1), labels, bins)
     return Calibration(t, before.ece, after.ece, nll(logits, labels), nll(logits, labels, t),
                        bins, int(labels.numel()), "val", int(fit[1].numel()), where,
-                       before, after)  # fmt: skip
+                       before, after, note)  # fmt: skip
 
 
 def collect_logits(model: torch.nn.Module,

@@ -62,7 +62,9 @@ def test_upload_page_shows_top5_bars_and_errors(
             assert c.query_selector("img").evaluate("i => i.naturalWidth") > 0  # type: ignore[union-attr]
             unsure = c.query_selector(".unsure")
             assert unsure is not None and "not sure" in unsure.inner_text()
-            assert "below 100%" in unsure.inner_text() and "uncertain" in (c.get_attribute("class") or "")
+            assert "below 100%" in unsure.inner_text() and "uncertain" in (
+                c.get_attribute("class") or ""
+            )
         failed = page.query_selector(".card.failed .error")
         assert failed is not None and "unsupported_media_type" in failed.inner_text()
         assert requests_outside == []  # no CDN, works offline

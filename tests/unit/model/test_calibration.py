@@ -88,3 +88,26 @@ def test_the_reliability_diagram_is_a_png() -> None:
     z, labels = _sampled(2.0, n=2000)
     png = calibration.reliability_png(calibrate((z, labels), (z, labels)), title="t")
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_a_temperature_that_does_not_hold_on_unseen_data_is_not_kept() -> None:
+    # a validation split whose halves disagree: every even image right, a third of the odd
+    # ones confidently wrong. Fitted on the even half T sharpens (and the odd half pays),
+    # fitted on the odd half it softens (and the even half pays): no T holds on unseen data.
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(60, 4, generator=g)
+    z[torch.arange(60), z.argmax(dim=1)] += 2.0  # a clear top-1 everywhere
+    labels = z.argmax(dim=1)
+    for i in range(1, 60, 6):
+        labels[i] = (labels[i] + 1) % 4
+    t, note = calibration.checked_temperature(z, labels)
+    assert fit_temperature(z, labels) != pytest.approx(1.0, abs=0.05)  # an unchecked fit moves
+    assert t == 1.0 and note is not None and "kept T = 1" in note
+    cal = calibrate((z, labels), None)
+    assert cal.temperature == 1.0 and cal.card()["note"] == note
+    # too few images: nothing is fitted
+    assert calibration.checked_temperature(z[:10], labels[:10])[0] == 1.0
+    # a model that is really over-confident keeps its fitted temperature
+    z2, labels2 = _sampled(2.0, n=4000)
+    t2, note2 = calibration.checked_temperature(z2, labels2)
+    assert note2 is None and t2 == pytest.approx(2.0, rel=0.1)
