@@ -202,10 +202,10 @@ def reliability_png(cal: Calibration, *, title: str = "Reliability") -> bytes:
         ax = fig.add_subplot(1, 2, k + 1)
         acc = [a if c else 0.0 for a, c in zip(rel.accuracy, rel.counts, strict=True)]
         ax.bar(lefts, acc, width=width, align="edge", edgecolor="black", label="accuracy")
-        gaps = [(p - a) if c else 0.0 for p, a, c in
-                zip(rel.confidence, rel.accuracy, rel.counts, strict=True)]  # fmt: skip
-        ax.bar(lefts, gaps, width=width, bottom=acc, align="edge", color="red", alpha=0.3,
-               label="gap to confidence")  # fmt: skip
+        conf = [p if c else 0.0 for p, c in zip(rel.confidence, rel.counts, strict=True)]
+        ax.bar(lefts, [abs(p - a) for p, a in zip(conf, acc, strict=True)], width=width,
+               bottom=[min(p, a) for p, a in zip(conf, acc, strict=True)], align="edge",
+               color="red", alpha=0.3, label="gap to mean confidence")  # fmt: skip
         ax.plot([0, 1], [0, 1], "k--", linewidth=1)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
