@@ -88,12 +88,13 @@ class ParityRefused(CheckpointError):
 def parity(predictor: Predictor, version_dir: Path, card: ModelCard) -> dict[str, Any]:
     """The probes through `predictor`'s whole serving path (model/probes.py)."""
     precision = predictor.placement.precision
+    tolerance_key = probes.tolerance_key(predictor.placement)
     if not card.probes:
         return {"precision": precision, "probes": 0, "passed": None,
                 "reason": "this version carries no probes (written before versions did)"}  # fmt: skip
     limits = DecodeLimits()
     try:
-        report = probes.check(card.probes, version_dir, precision,
+        report = probes.check(card.probes, version_dir, tolerance_key,
                               lambda data: predictor.scores(data, limits))  # fmt: skip
     except (probes.ParityError, ImageError) as exc:
         raise CheckpointError(f"{version_dir / CARD_FILE}: {exc}") from exc
@@ -159,8 +160,17 @@ def prepare(
             predictor = Predictor(net, card, fp32, channels_last=channels_last)
     compiled = False
     if compile_model:
-        predictor.model.net = torch.compile(predictor.model.net, dynamic=False)  # type: ignore[assignment]
+        eager = predictor.model.net
+        predictor.model.net = torch.compile(eager, dynamic=False)  # type: ignore[assignment]
         compiled = True
+        # the compiled graph is what serves: it must reproduce the probes too
+        after = parity(predictor, version_dir, card)
+        check["parity"]["compiled"] = after
+        if after["passed"] is False:
+            log.warning("%s: compiled, it fails the probes (%s); serving it uncompiled",
+                        card.version, _failures(after))  # fmt: skip
+            check["compile_fallback"] = f"compiled, it fails the probes: {_failures(after)}"
+            predictor.model.net, compiled = eager, False
     loaded = LoadedModel(card, predictor, placement, compiled, check)
     # Warm-up: first calls allocate and pick kernels; compiled models compile per shape.
     for bs in warmup_batch_sizes:

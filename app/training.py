@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -163,7 +163,10 @@ def _dist_context() -> DistContext | None:
     import torch.distributed as dist
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
+    # Rank 0 alone makes the new version's extras (a pass over val and the holdout:
+    # model/extras.py) while the others wait in a collective: more than the default
+    # 10-minute watchdog on a large dataset.
+    dist.init_process_group(backend=backend, timeout=timedelta(hours=2))
     return DistContext(
         rank=dist.get_rank(), world=dist.get_world_size(),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -105,13 +106,42 @@ class ModelCard(BaseModel):
         return float(t) if isinstance(t, (int, float)) and t > 0 else 1.0
 
     @model_validator(mode="after")
-    def _probes_inside(self) -> ModelCard:
+    def _trust_fields(self) -> ModelCard:
+        """The calibration, probes and label distribution are read by the serving path:
+        every number it uses is checked here, so a bad model.json is a CheckpointError
+        (the version is refused), never a failure later."""
+        n = self.num_classes
+        if self.calibration is not None:
+            t = self.calibration.get("temperature")
+            if not _finite(t) or not 0.01 <= float(t) <= 100:  # type: ignore[arg-type]
+                raise ValueError(
+                    f"calibration.temperature must be a number in [0.01, 100], got {t!r}"
+                )
         for p in self.probes or []:
             name = p.get("file") if isinstance(p, dict) else None
             if not isinstance(name, str) or not PROBE_FILE_RE.fullmatch(name):
                 raise ValueError(f"probes: invalid probe file name {name!r}")
-            if not isinstance(p.get("sha256"), str) or not isinstance(p.get("top5"), list):
-                raise ValueError(f"probes: {name}: sha256 and top5 are required")
+            if not isinstance(p.get("sha256"), str) or not re.fullmatch(
+                r"[0-9a-f]{64}", p["sha256"]
+            ):
+                raise ValueError(f"probes: {name}: sha256 must be 64 hex digits")
+            if "logit_std" in p and (not _finite(p["logit_std"]) or p["logit_std"] < 0):
+                raise ValueError(f"probes: {name}: logit_std must be a finite number >= 0")
+            top = p.get("top5")
+            if not isinstance(top, list) or not 1 <= len(top) <= 5:
+                raise ValueError(f"probes: {name}: top5 must list 1 to 5 classes")
+            for t in top:
+                ok = (isinstance(t, dict) and isinstance(t.get("index"), int)
+                      and 0 <= t["index"] < n and _finite(t.get("probability"))
+                      and 0 <= t["probability"] <= 1
+                      and ("logit" not in t or _finite(t["logit"])))  # fmt: skip
+                if not ok:
+                    raise ValueError(f"probes: {name}: each top5 entry needs an index in "
+                                     f"[0, {n}), a probability in [0, 1] and a finite logit")  # fmt: skip
+        d = self.label_distribution
+        if d is not None and (len(d) != n or not all(_finite(x) and x >= 0 for x in d)
+                              or sum(d) <= 0):  # fmt: skip
+            raise ValueError(f"label_distribution must hold {n} finite shares >= 0, not all 0")
         return self
 
     @property
@@ -148,6 +178,10 @@ class ModelCard(BaseModel):
             "metrics": self.metrics,
             "calibrated": self.calibration is not None,
         }
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def sha256_bytes(data: bytes) -> str:

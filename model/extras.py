@@ -106,11 +106,17 @@ def calibrate_version(version_dir: Path, spec: str, *, models_dir: Path, data_di
     net, card = load_version(version_dir)
     weights = (version_dir / WEIGHTS_FILE).read_bytes()
     cfg = card.train_config or {}
-    same = card.dataset == spec
+    # The version's own data (by name, or by content under another name): its own split,
+    # so the fit never sees its training images; other data: a seeded 20%.
+    own = {"val_split": cfg.get("val_split", 0.2), "seed": cfg.get("seed", 0)}
     bundle = load_dataset(spec, data_dir=data_dir, image_size=card.image_size,
-                          val_split=cfg.get("val_split", 0.2) if same else 0.2,
-                          seed=cfg.get("seed", 0) if same else 0, pre=card.preprocessing,
-                          holdout_share=holdout_share)  # fmt: skip
+                          pre=card.preprocessing, holdout_share=holdout_share, **own)  # fmt: skip
+    same = card.dataset == spec or (card.dataset_hash is not None
+                                    and bundle.hash == card.dataset_hash)  # fmt: skip
+    if not same and own != {"val_split": 0.2, "seed": 0}:
+        bundle = load_dataset(spec, data_dir=data_dir, image_size=card.image_size,
+                              val_split=0.2, seed=0, pre=card.preprocessing,
+                              holdout_share=holdout_share)  # fmt: skip
     if bundle.labels != card.labels:
         raise DatasetError(
             f"{spec}'s labels ({', '.join(bundle.labels[:4])}...) are not {card.version}'s "

@@ -70,7 +70,7 @@ async def reliability(
     except CheckpointError as exc:
         raise NotFound(f"no model version {version!r}") from exc
     path = folder / RELIABILITY_FILE
-    if not path.is_file():
+    if path.is_symlink() or not path.is_file():  # only what the version's writer put there
         raise NotFound(f"version {version} is not calibrated, so it has no reliability diagram "
                        f"(calibrate it: alexnet calibrate {version} --dataset SPEC)")  # fmt: skip
     return FileResponse(path, media_type="image/png",

@@ -103,3 +103,19 @@ def test_the_request_threshold_overrides_the_setting() -> None:
     assert _threshold(_state(0.5), 0.9) == 0.9  # type: ignore[arg-type]
     assert _threshold(_state(None), None) is None  # type: ignore[arg-type]
     assert _threshold(_state(None), 0.2) == 0.2  # type: ignore[arg-type]
+
+
+def test_the_sampling_baseline_grows_with_classes_over_window_and_is_exported() -> None:
+    from app.drift import sampling_baseline
+
+    small = sampling_baseline([0.1] * 10, 1000)
+    floor = 9 / (8 * math.log(2) * 1000)
+    assert floor / 2 < small < 2 * floor  # the approximation holds for few classes
+    many = sampling_baseline([1.0] * 1000, 1000)
+    assert many > 0.1 > sampling_baseline([1.0] * 1000, 10_000)  # window << classes: large
+    metrics = Metrics(drift_window=10)
+    for _ in range(10):
+        metrics.answered("v1", None, 2, 0, 0.9, uncertain=False)
+    text = generate_latest(metrics.registry).decode()
+    assert 'alexnet_drift_window_full{version="v1"} 1.0' in text
+    assert 'alexnet_label_drift_baseline{version="v1"}' in text

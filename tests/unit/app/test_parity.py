@@ -103,3 +103,47 @@ def test_a_version_without_probes_still_loads_and_says_it_was_not_checked(models
         loaded.info()["calibrated"] is False
         and "alexnet calibrate" in loaded.info()["calibration_note"]
     )
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["probes"][0]["top5"][0].update(index=5000), "each top5 entry"),
+        (lambda d: d["probes"][0].update(top5=[]), "1 to 5 classes"),
+        (lambda d: d["probes"][0].update(file="../../etc/passwd"), "invalid probe file name"),
+        (lambda d: d["probes"][0].update(sha256="x"), "64 hex digits"),
+        (lambda d: d.update(calibration={"temperature": float("inf")}), "temperature"),
+        (lambda d: d.update(label_distribution=[-1.0] + [0.1] * 9), "label_distribution"),
+        (lambda d: d.update(label_distribution=[0.5, 0.5]), "label_distribution"),
+    ],
+)
+def test_a_malformed_trust_field_is_a_checkpoint_error(
+    models: Path, version: Path, tmp_path: Path, edit: object, message: str
+) -> None:
+    from model.checkpoint import read_card
+
+    doc = json.loads((version / "model.json").read_text())
+    edit(doc)  # type: ignore[operator]
+    (tmp_path / "model.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=message):
+        read_card(tmp_path)
+
+
+def test_an_imported_torchvision_version_passes_its_own_probes(tmp_path: Path) -> None:
+    """Its probes were answered by torchvision's transforms on PIL images; the service's
+    decoder and tensor resize must agree with them."""
+    from torchvision.models import alexnet
+
+    from model.pretrained import import_torchvision
+
+    torch.manual_seed(0)
+    net = alexnet()
+    with torch.no_grad():
+        net.classifier[-1].weight.mul_(20)
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    card = import_torchvision(tmp_path / "models", weights_file=tmp_path / "w.pth")
+    assert card.probes and len(card.probes) == 8 and card.label_distribution is not None
+    assert all(p["file"].endswith(".jpg") and p["label"] is None for p in card.probes)
+    loaded = prepare(tmp_path / "models" / card.version, Placement(CPU, "fp32"))
+    report = loaded.precision_check["parity"]["fp32"]
+    assert report["passed"] is True and report["probes"] == 8
