@@ -60,9 +60,9 @@ LOGIT_TOLERANCE: Final = {"fp32": 0.04, "tf32": 0.05, "fp16": 0.06, "bf16": 0.1}
 def tolerance_key(placement: Any) -> str:
     """Which tolerances a placement is held to: its precision, or "tf32" for fp32 on a
     CUDA device that lets TF32 in."""
-    if placement.precision == "fp32" and placement.device.type == "cuda":
-        if torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32:
-            return "tf32"
+    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+    if placement.precision == "fp32" and placement.device.type == "cuda" and tf32:
+        return "tf32"
     return str(placement.precision)
 
 
