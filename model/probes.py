@@ -101,6 +101,18 @@ def shrink(data: bytes, side: int) -> tuple[bytes, str]:
     return buf.getvalue(), "jpg"
 
 
+_EXTS: Final = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp"}
+
+
+def sniffed_ext(data: bytes) -> str | None:
+    """The file name extension of an image's format, from its bytes (None: another)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return _EXTS.get(im.format or "")
+    except Exception:  # what Pillow cannot open is re-encoded or skipped by the caller
+        return None
+
+
 def select(candidates: Sequence[Probe], count: int = COUNT) -> list[Probe]:
     """The `count` candidates with the widest top-1 margin, one per predicted class first
     (a parity check wants answers that a small difference cannot flip, and variety)."""
@@ -177,8 +189,9 @@ def training_probes(net: torch.nn.Module, val: Dataset[Any], pre: Any, temperatu
         ds, j = dataset_item(val, i)
         if isinstance(ds, ImageFiles):
             path, label = ds.files[j]
-            data, ext = path.read_bytes(), path.suffix.lower().lstrip(".") or "img"
-            if len(data) > MAX_FILE_BYTES:
+            data = path.read_bytes()
+            ext = sniffed_ext(data)  # by content: a feedback snapshot's files have no suffix
+            if len(data) > MAX_FILE_BYTES or ext is None:
                 data, ext = shrink(data, 2 * ds.side)
             sources.append((data, ext, label, ds.load(data)))
         else:
