@@ -186,8 +186,8 @@ def collect_logits(model: torch.nn.Module,
 
 
 def reliability_png(cal: Calibration, *, title: str = "Reliability") -> bytes:
-    """Before and after side by side: accuracy per confidence bin against the diagonal,
-    bar width = the bin, the number of images per bin under each bar."""
+    """Before and after side by side: accuracy per confidence bin against the diagonal
+    (bar width = the bin), the gap to the bin's mean confidence shaded; empty bins blank."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)

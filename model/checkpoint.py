@@ -102,8 +102,7 @@ class ModelCard(BaseModel):
     @property
     def temperature(self) -> float:
         """What logits are divided by before the softmax (1.0 when not calibrated)."""
-        t = (self.calibration or {}).get("temperature", 1.0)
-        return float(t) if isinstance(t, (int, float)) and t > 0 else 1.0
+        return float((self.calibration or {}).get("temperature", 1.0))  # checked: _trust_fields
 
     @model_validator(mode="after")
     def _trust_fields(self) -> ModelCard:

@@ -33,7 +33,8 @@ from model.data import (
     load_dataset,
     make_loader,
 )
-from model.engine import Classifier
+from model.device import Placement
+from model.engine import for_inference
 from model.transforms import EvalTransform, Preprocessing
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def logits_of(net: nn.Module, ds: Dataset[tuple[torch.Tensor, int]] | None, pre:
     transform on `device`, the model); None for no dataset."""
     if ds is None or len(ds) == 0:  # type: ignore[arg-type]
         return None
-    model = Classifier(net.to(device, torch.float32).eval(), pre).to(device)
+    model = for_inference(net, pre, Placement(device, "fp32"), channels_last=False)
     tf = EvalTransform(pre)
     loader = make_loader(ds, ShardSampler(len(ds), rank=0, world=1, shuffle=False),  # type: ignore[arg-type]
                          batch_size=batch_size, workers=workers, pin_memory=False)  # fmt: skip
@@ -63,25 +64,23 @@ def logits_of(net: nn.Module, ds: Dataset[tuple[torch.Tensor, int]] | None, pre:
 
 
 def make_extras(net: nn.Module, bundle: DatasetBundle, *, device: torch.device,
-                batch_size: int = 64, workers: int = 0, calibrate: bool = True,
-                title: str = "") -> Extras:  # fmt: skip
+                batch_size: int = 64, workers: int = 0, title: str = "") -> Extras:  # fmt: skip
     """Calibration (fitted on `bundle.val`, measured on `bundle.test`), the reliability
     diagram, the probes (from `bundle.val`, answered with the fitted temperature) and the
     training label distribution. `net` ends on the CPU in fp32."""
     out = Extras()
     temperature = 1.0
-    if calibrate:
-        fit = logits_of(net, bundle.val, bundle.pre, device=device, batch_size=batch_size,
-                        workers=workers)  # fmt: skip
-        if fit is not None:
-            held = logits_of(net, bundle.test, bundle.pre, device=device,
-                             batch_size=batch_size, workers=workers)  # fmt: skip
-            cal = calibration.calibrate(fit, held)
-            out.calibration, temperature = cal, cal.temperature
-            out.kwargs["calibration"] = cal.card()
-            out.kwargs["extra_files"] = {
-                RELIABILITY_FILE: calibration.reliability_png(cal, title=title or bundle.spec)
-            }
+    fit = logits_of(net, bundle.val, bundle.pre, device=device, batch_size=batch_size,
+                    workers=workers)  # fmt: skip
+    if fit is not None:
+        held = logits_of(net, bundle.test, bundle.pre, device=device, batch_size=batch_size,
+                         workers=workers)  # fmt: skip
+        cal = calibration.calibrate(fit, held)
+        out.calibration, temperature = cal, cal.temperature
+        out.kwargs["calibration"] = cal.card()
+        out.kwargs["extra_files"] = {
+            RELIABILITY_FILE: calibration.reliability_png(cal, title=title or bundle.spec)
+        }
     net = net.cpu().float()
     entries, files = probes.card_entries(
         probes.training_probes(net, bundle.val, bundle.pre, temperature), bundle.labels

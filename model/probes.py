@@ -178,7 +178,8 @@ def training_probes(net: torch.nn.Module, val: Dataset[Any], pre: Any, temperatu
     squared by `ImageFiles.load`; a rendered or in-memory tensor as it is, written as a
     lossless PNG), then the validation transform and the model in fp32 on the CPU."""
     from model.data import ImageFiles
-    from model.engine import Classifier, forward_logits
+    from model.device import Placement
+    from model.engine import for_inference, forward_logits
     from model.transforms import EvalTransform
 
     n = min(CANDIDATES, len(val))  # type: ignore[arg-type]
@@ -197,7 +198,7 @@ def training_probes(net: torch.nn.Module, val: Dataset[Any], pre: Any, temperatu
         else:
             x, label = val[i]
             sources.append((encode_png(x), "png", int(label), x))
-    model = Classifier(net.cpu().float().eval(), pre)
+    model = for_inference(net, pre, Placement(torch.device("cpu"), "fp32"), channels_last=False)
     tf = EvalTransform(pre)
     outs = []
     for start in range(0, n, 16):

@@ -192,9 +192,10 @@ class Trainer:
         amp_dtype = None if placement.precision == "fp32" else DTYPES[placement.precision]
         scaler = torch.amp.GradScaler("cuda") if placement.precision == "fp16" else None
         d = self.dist
+        workers = cfg.workers if cfg.workers is not None else default_workers()
         loaders = run_loaders(bundle, batch_size=cfg.batch_size, seed=cfg.seed, rank=d.rank,
                               world=d.world, pin_memory=placement.device.type == "cuda",
-                              workers=cfg.workers if cfg.workers is not None else default_workers())  # fmt: skip
+                              workers=workers)  # fmt: skip
         train_sampler, steps_per_epoch = loaders.train_sampler, loaders.steps_per_epoch
         augment = TrainAugment(bundle.pre) if cfg.use_augmentation else None
         eval_tf = EvalTransform(bundle.pre)
@@ -304,8 +305,7 @@ class Trainer:
         if d.is_main:
             card = save_best(self.models_dir, cfg, bundle, best.weights, best.record,
                              epochs_run=len(self.history), stopped_early=early.early_stop,
-                             parent=self.parent, device=placement.device,
-                             workers=cfg.workers if cfg.workers is not None else default_workers())  # fmt: skip
+                             parent=self.parent, device=placement.device, workers=workers)  # fmt: skip
         card = d.broadcast_card(card)
         if card is None:
             raise CheckpointError("no version was written")
