@@ -110,6 +110,11 @@ class Settings(BaseSettings):
     # replica or `alexnet models activate` makes active is served (a read of a small file).
     run_jobs: bool = True
     watch_active_s: float = Field(2.0, ge=0, le=3600)
+    # The model's name in the Open Inference Protocol (/v2/models/{name}).
+    model_name: str = Field("alexnet", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    # Serve this one version folder (weights + model.json), read-only: no registry, no
+    # ACTIVE, no jobs, no bootstrap (KServe's storage initializer puts it at /mnt/models).
+    model_dir: Path | None = None
     bootstrap: Literal["auto", "imagenet", "synthetic", "none"] = "auto"
     # The embedded default's training job (when ImageNet weights are unavailable): more
     # images or epochs buy accuracy with first-start time.
