@@ -1,5 +1,5 @@
-"""The `alexnet` command: serve, train, evaluate, calibrate, predict, models, datasets,
-feedback, gc, import-torchvision.
+"""The `alexnet` command: serve, train, evaluate, calibrate, predict, export, models,
+datasets, feedback, gc, import-torchvision.
 
 Exit status: 0 success, 1 a runtime error (one line on stderr), 2 bad usage,
 75 training interrupted with its resumable state saved (resume with --resume RUN_DIR).
@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, help="default 5, or every class of a model with fewer")
     p.add_argument("--json", action="store_true")
 
+    from app.cli_export import add_parser as add_export
+
+    add_export(sub)
+
     p = sub.add_parser("models", help="list versions, activate or delete one")
     p.add_argument("action", nargs="?", choices=["list", "activate", "delete"], default="list")
     p.add_argument("version", nargs="?")
@@ -170,6 +174,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     try:
         return run_predict(args, _settings())
     except PredictError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from app.cli_export import ExportCliError, run_export
+
+    try:
+        return run_export(args, _settings())
+    except ExportCliError as exc:
         raise CliError(str(exc)) from exc
 
 
@@ -403,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_calibrate(args)
         if args.command == "predict":
             return cmd_predict(args)
+        if args.command == "export":
+            return cmd_export(args)
         if args.command == "models":
             return cmd_models(args)
         if args.command == "gc":
