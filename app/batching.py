@@ -76,6 +76,14 @@ class BatchStats:
     compute_s: float
 
 
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One batch; uint8 images beside float ones ([0, 1], e.g. preprocessed tensors sent
+    through the Open Inference Protocol) are scaled to floats the way the model would."""
+    if len({t.dtype for t in tensors}) > 1:
+        tensors = [t.float().div_(255.0) if t.dtype == torch.uint8 else t.float() for t in tensors]
+    return torch.stack(tensors)
+
+
 RunBatch = Callable[[Any, torch.Tensor, int], list[Row]]
 
 
@@ -249,7 +257,7 @@ class MicroBatcher(Generic[M]):
         waits = [started - it.enqueued for it in batch]
         k = max(it.top_k for it in batch)
         try:
-            stacked = torch.stack([it.tensor for it in batch])
+            stacked = _stack([it.tensor for it in batch])
             rows = await loop.run_in_executor(
                 self._executor, self._run_batch, batch[0].model, stacked, k
             )

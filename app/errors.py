@@ -16,6 +16,7 @@ AppError
  +-- HeaderTooLarge        431 request_header_too_large
  +-- ModelNotReady         503 model_not_ready (Retry-After)
  +-- AdminDisabled         503 admin_disabled
+ +-- ReadOnly              503 read_only
  +-- RequestTimeout        504 timeout
  +-- InternalError         500 internal_error
 """
@@ -34,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import compile_path
 
+from app import paths
 from app.batching import BatcherError, Closed, Expired, QueueFull
 from model.images import ImageError, ImageTooLarge, UnsupportedImageFormat
 
@@ -65,7 +67,10 @@ class AppError(Exception):
             return None
         return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
-    def body(self) -> dict[str, Any]:
+    def body(self, path: str = "") -> dict[str, Any]:
+        """The envelope; under /v2 the Open Inference Protocol's own `{"error": message}`."""
+        if paths.is_oip(path):
+            return {"error": self.message}
         return {"error": {"code": self.code, "message": self.message, "details": self.details}}
 
 
@@ -147,6 +152,12 @@ class ModelNotReady(AppError):
 
 class AdminDisabled(AppError):
     status, code = 503, "admin_disabled"
+
+
+class ReadOnly(AppError):
+    """ALEXNET_MODEL_DIR: this server serves one version folder and administers nothing."""
+
+    status, code = 503, "read_only"
 
 
 class RequestTimeout(AppError):
@@ -236,8 +247,8 @@ def responses(
 # ----------------------------------------------------------------------------- handlers
 
 
-def error_response(exc: AppError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+def error_response(exc: AppError, path: str = "") -> JSONResponse:
+    return JSONResponse(exc.body(path), status_code=exc.status, headers=exc.headers())
 
 
 def _allowed_methods(request: Request) -> set[str]:
@@ -253,28 +264,32 @@ def _allowed_methods(request: Request) -> set[str]:
 
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
-    async def _app_error(_: Request, exc: AppError) -> JSONResponse:
-        return error_response(exc)
+    async def _app_error(request: Request, exc: AppError) -> JSONResponse:
+        return error_response(exc, request.scope["path"])
 
     @app.exception_handler(BatcherError)
-    async def _batcher_error(_: Request, exc: BatcherError) -> JSONResponse:
-        return error_response(from_batcher_error(exc))
+    async def _batcher_error(request: Request, exc: BatcherError) -> JSONResponse:
+        return error_response(from_batcher_error(exc), request.scope["path"])
 
     @app.exception_handler(ClientDisconnect)
-    async def _gone(_: Request, exc: ClientDisconnect) -> JSONResponse:
+    async def _gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
         # The client hung up while its body was being read (or uvicorn dropped a
         # malformed connection): no one will read this answer, and it is not our error.
-        return error_response(ClientClosedRequest("the client disconnected mid-request"))
+        return error_response(
+            ClientClosedRequest("the client disconnected mid-request"), request.scope["path"]
+        )
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
             {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
             for e in exc.errors()
         ]
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         where = ".".join(str(p) for p in first["loc"][1:] or first["loc"])
-        return error_response(ValidationFailed(f"{where}: {first['msg']}", details=errors))
+        return error_response(
+            ValidationFailed(f"{where}: {first['msg']}", details=errors), request.scope["path"]
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -287,7 +302,7 @@ def install_handlers(app: FastAPI) -> None:
             # route that matched the path; GET and POST /admin/jobs are two routes).
             allowed = _allowed_methods(request)
             if allowed:
-                resp = error_response(err)
+                resp = error_response(err, request.scope["path"])
                 resp.headers["Allow"] = ", ".join(sorted(allowed))
                 return resp
         elif exc.status_code == 413:
@@ -301,7 +316,7 @@ def install_handlers(app: FastAPI) -> None:
         else:
             err = AppError(str(exc.detail))
             err.status, err.code = exc.status_code, "http_error"
-        resp = error_response(err)
+        resp = error_response(err, request.scope["path"])
         for k, v in (exc.headers or {}).items():
             resp.headers[k] = v
         return resp
@@ -309,4 +324,6 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(InternalError("internal error; see the server log"))
+        return error_response(
+            InternalError("internal error; see the server log"), request.scope["path"]
+        )

@@ -36,6 +36,8 @@ def body_limits(max_upload_bytes: int, max_files: int,
     single = max_upload_bytes + MULTIPART_OVERHEAD
     batch = max_upload_bytes * max_files + MULTIPART_OVERHEAD
     dataset = max_dataset_bytes + MULTIPART_OVERHEAD
+    # /v2 infer: a batch of files, base64 in JSON (4/3) or raw with the binary extension
+    infer = max_upload_bytes * max_files * 4 // 3 + MULTIPART_OVERHEAD
 
     def limit_for(path: str) -> int:
         if path == paths.CLASSIFY:
@@ -44,6 +46,8 @@ def body_limits(max_upload_bytes: int, max_files: int,
             return batch
         if max_dataset_bytes and paths.is_dataset_upload(path):
             return dataset
+        if paths.is_infer(path):
+            return infer
         if path == paths.FEEDBACK:
             return FEEDBACK_BODY_LIMIT
         return JSON_BODY_LIMIT

@@ -182,7 +182,9 @@ class AllowedHostsMiddleware:
             await self.app(scope, receive, send)
             return
         await send_error(
-            send, BadRequest(f"host {clip(host, 100)!r} is not one of ALEXNET_ALLOWED_HOSTS")
+            send,
+            BadRequest(f"host {clip(host, 100)!r} is not one of ALEXNET_ALLOWED_HOSTS"),
+            scope.get("path", ""),
         )
 
 
@@ -259,12 +261,12 @@ class BodyLimitMiddleware:
 
     def __init__(self, app: ASGIApp, limit_for: Callable[[str], int],
                  body_timeout_s: float = 60.0, max_in_flight_bytes: int = 0,
-                 upload_paths: frozenset[str] = paths.UPLOADS,
+                 is_upload: Callable[[str], bool] = paths.is_upload,
                  dataset_body_timeout_s: float | None = None) -> None:  # fmt: skip
         self.app, self.limit_for, self.body_timeout_s = app, limit_for, body_timeout_s
         # A dataset archive (hundreds of MB) gets longer than an image to arrive.
         self.dataset_body_timeout_s = dataset_body_timeout_s or body_timeout_s
-        self.max_in_flight_bytes, self.upload_paths = max_in_flight_bytes, upload_paths
+        self.max_in_flight_bytes, self.is_upload = max_in_flight_bytes, is_upload
         self.in_flight_bytes = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -281,13 +283,14 @@ class BodyLimitMiddleware:
                 too_big = False  # h11/httptools reject malformed lengths themselves
             if too_big:
                 await send_error(send, PayloadTooLarge(
-                    f"request body is {int(declared)} bytes; the limit here is {limit}"))  # fmt: skip
+                    f"request body is {int(declared)} bytes; the limit here is {limit}"),
+                    scope["path"])  # fmt: skip
                 return
-        upload = scope["path"] in self.upload_paths
+        upload = self.is_upload(scope["path"])
         if upload and self.max_in_flight_bytes and self.in_flight_bytes >= self.max_in_flight_bytes:
             await send_error(send, Overloaded(
                 f"{self.in_flight_bytes} bytes of uploads are being received; retry shortly",
-                retry_after_s=1))  # fmt: skip
+                retry_after_s=1), scope["path"])  # fmt: skip
             return
         received = 0
         body_done = False
@@ -338,10 +341,10 @@ class BodyLimitMiddleware:
                 self.in_flight_bytes -= received
 
 
-async def send_error(send: Send, err: AppError) -> None:
-    """`err` in the error envelope from a raw ASGI middleware (below the app's handlers),
-    closing the connection: the request's body is left unread."""
-    body = json.dumps(err.body()).encode()
+async def send_error(send: Send, err: AppError, path: str = "") -> None:
+    """`err` in the error envelope (of `path`'s API) from a raw ASGI middleware (below the
+    app's handlers), closing the connection: the request's body is left unread."""
+    body = json.dumps(err.body(path)).encode()
     extra = [(k.lower().encode(), v.encode()) for k, v in (err.headers() or {}).items()]
     await send({"type": "http.response.start", "status": err.status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

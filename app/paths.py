@@ -13,6 +13,21 @@ CLASSIFY_BATCH: Final = API_PREFIX + "/classify/batch"
 FEEDBACK: Final = API_PREFIX + "/feedback"
 UPLOADS: Final = frozenset({CLASSIFY, CLASSIFY_BATCH})
 DATASETS: Final = ADMIN_PREFIX + "/datasets"
+OIP_PREFIX: Final = "/v2"  # the Open Inference Protocol (KServe V2): its own error shape
+
+
+def is_oip(path: str) -> bool:
+    return path == OIP_PREFIX or path.startswith(OIP_PREFIX + "/")
+
+
+def is_infer(path: str) -> bool:
+    """POST /v2/models/{name}[/versions/{version}]/infer: tensors or image files."""
+    return is_oip(path) and path.endswith("/infer")
+
+
+def is_upload(path: str) -> bool:
+    """The requests whose bodies count against the in-flight upload budget."""
+    return path in UPLOADS or is_infer(path)
 
 
 def is_dataset_upload(path: str) -> bool:

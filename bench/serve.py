@@ -1,6 +1,7 @@
 """HTTP serving benchmark: the real server under wrk, with real JPEG photos.
 
-(a) our defaults; (b) the same server with batching off and fp32 (a tutorial server);
+(a) our defaults (through /v1/classify, and through the Open Inference Protocol's /v2
+infer with the binary extension); (b) the same server with batching off and fp32 (a tutorial server);
 (c) the in-process limit: decode + preprocess + forward, no HTTP, same precision as (a).
 Concurrency 1, 8 and 32. Also: resident memory after warm-up and after each run, and the
 time from start to ready with and without torch.compile.
@@ -54,6 +55,32 @@ request = function()
   return wrk.format("POST", "/v1/classify", {["Content-Type"] = "multipart/form-data; boundary=" .. boundary}, body)
 end
 """
+
+# The same photos as an Open Inference Protocol request, binary extension: the JSON header,
+# then the file as one BYTES element (4-byte little-endian length, then the bytes).
+LUA_V2 = """
+local files = {%s}
+local bodies = {}
+local function le32(n)
+  return string.char(n %% 256, math.floor(n / 256) %% 256, math.floor(n / 65536) %% 256,
+                     math.floor(n / 16777216) %% 256)
+end
+for i, path in ipairs(files) do
+  local f = assert(io.open(path, "rb")); local data = f:read("*a"); f:close()
+  local head = '{"inputs":[{"name":"image","datatype":"BYTES","shape":[1],"parameters":' ..
+    '{"binary_data_size":' .. (#data + 4) .. '}}],"outputs":[{"name":"probabilities",' ..
+    '"parameters":{"classification":5}}]}'
+  bodies[i] = {head = #head, body = head .. le32(#data) .. data}
+end
+local n = 0
+request = function()
+  n = n + 1
+  local b = bodies[(n %% #bodies) + 1]
+  return wrk.format("POST", "/v2/models/alexnet/infer",
+                    {["Inference-Header-Content-Length"] = tostring(b.head)}, b.body)
+end
+"""
+V2 = "(a) defaults, /v2 infer"
 
 
 def rss_mb(pid: int) -> float:
@@ -141,6 +168,8 @@ def main() -> None:
         raise SystemExit("wrk not found: apt-get install wrk")
     with tempfile.TemporaryDirectory() as tmp:
         home, card, photos, script = serving_home(Path(tmp), LUA)
+        v2_script = script.with_name("post_v2.lua")
+        v2_script.write_text(LUA_V2 % ", ".join(f'"{p}"' for p in photos))
         configs = {
             "(a) defaults": {},
             "(b) no batching, fp32": {"ALEXNET_MAX_BATCH_SIZE": "1", "ALEXNET_PRECISION": "fp32"},
@@ -156,6 +185,8 @@ def main() -> None:
                 wrk(url, script, conc, 2)  # warm the connection pool and allocator
                 results[name][conc] = wrk(url, script, conc, args.seconds)
                 mem.append(f"{rss_mb(proc.pid):.0f}")
+                if name == "(a) defaults":  # the same server through the protocol
+                    results.setdefault(V2, {})[conc] = wrk(url, v2_script, conc, args.seconds)
             mem_rows.append([name, *mem])
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
@@ -170,7 +201,7 @@ def main() -> None:
     a, b = results["(a) defaults"], results["(b) no batching, fp32"]
     rows = []
     for conc in (1, 8, 32):
-        for name, r in (("(a) defaults", a), ("(b) no batching, fp32", b)):
+        for name, r in (("(a) defaults", a), (V2, results[V2]), ("(b) no batching, fp32", b)):
             x = r[conc]
             rows.append(
                 [

@@ -6,6 +6,7 @@ import asyncio
 import time
 from typing import Annotated, Any
 
+import torch
 from fastapi import APIRouter, Query, Request
 from starlette.datastructures import UploadFile
 
@@ -68,7 +69,7 @@ async def _watch_disconnect(request: Request) -> None:
             return
 
 
-async def _result(request: Request, fut: asyncio.Future[Row], deadline: float) -> Row:
+async def wait_result(request: Request, fut: asyncio.Future[Row], deadline: float) -> Row:
     """Wait for `fut` until the deadline; a client that disconnects cancels its item, so
     the batcher skips it."""
     loop = asyncio.get_running_loop()
@@ -110,7 +111,7 @@ def _top_k(loaded: LoadedModel, top_k: int | None) -> int:
     return top_k
 
 
-async def _admit(state: AppState, request: Request) -> None:
+async def admit(state: AppState, request: Request) -> None:
     """Shed load before parsing or decoding anything. The refused body is still read (and
     dropped, within the body limits) so the 429 goes out on a connection the client can
     read it from and reuse: closing with unread bytes would reset it."""
@@ -122,7 +123,7 @@ async def _admit(state: AppState, request: Request) -> None:
         raise from_batcher_error(exc) from exc
 
 
-async def _classify_bytes(
+async def classify_bytes(
     state: AppState, request: Request, loaded: LoadedModel, data: bytes, top_k: int, deadline: float
 ) -> Row:
     t0 = time.perf_counter()
@@ -133,10 +134,16 @@ async def _classify_bytes(
         raise from_image_error(exc) from exc
     finally:
         state.metrics.stage.labels("decode").observe(time.perf_counter() - t0)
+    return await classify_tensor(state, request, loaded, tensor, top_k, deadline)
+
+
+async def classify_tensor(state: AppState, request: Request, loaded: LoadedModel,
+                          tensor: torch.Tensor, top_k: int, deadline: float) -> Row:  # fmt: skip
+    """One input (3, S, S) for `loaded` (uint8, or floats in [0, 1]) through the batcher."""
     try:
         fut = state.batcher.submit(tensor, loaded, top_k=top_k, deadline=deadline)
         state.metrics.queue_depth.set(state.batcher.depth)
-        row = await _result(request, fut, deadline)
+        row = await wait_result(request, fut, deadline)
     except BatcherError as exc:
         raise from_batcher_error(exc) from exc
     if row:
@@ -144,11 +151,11 @@ async def _classify_bytes(
     return row
 
 
-def _threshold(state: AppState, min_confidence: float | None) -> float | None:
+def confidence_threshold(state: AppState, min_confidence: float | None) -> float | None:
     return min_confidence if min_confidence is not None else state.settings.min_confidence
 
 
-def _judge(state: AppState, loaded: LoadedModel, row: Row, threshold: float | None) -> bool:
+def judge(state: AppState, loaded: LoadedModel, row: Row, threshold: float | None) -> bool:
     """Whether the answer is "not sure", and its confidence signals in the metrics."""
     top1, p = row[0]
     uncertain = threshold is not None and p < threshold
@@ -172,7 +179,7 @@ async def classify(request: Request, state: StateDep, top_k: TopK = None,
     deadline = asyncio.get_running_loop().time() + state.settings.request_timeout_s
     loaded = state.model
     k = _top_k(loaded, top_k)
-    await _admit(state, request)
+    await admit(state, request)
     form = await read_form(request, max_files=1, max_file_bytes=state.settings.max_upload_bytes)
     try:
         upload = form.get("file")
@@ -180,16 +187,16 @@ async def classify(request: Request, state: StateDep, top_k: TopK = None,
             raise ValidationFailed("file: a multipart file field named 'file' is required",
                                    details=[{"loc": ["body", "file"], "msg": "Field required"}])  # fmt: skip
         data = await read_upload(upload, state.settings.max_upload_bytes)
-        row = await _classify_bytes(state, request, loaded, data,
+        row = await classify_bytes(state, request, loaded, data,
                                     state.answer_top_k(loaded, k), deadline)  # fmt: skip
     finally:
         await form.close()
     pid = new_prediction_id()
     state.keep(pid, data, loaded, row)
-    threshold = _threshold(state, min_confidence)
+    threshold = confidence_threshold(state, min_confidence)
     return ClassifyResponse(model=_model_ref(loaded), prediction_id=pid,
                             predictions=_predictions(loaded, row[:k]),
-                            uncertain=_judge(state, loaded, row, threshold),
+                            uncertain=judge(state, loaded, row, threshold),
                             min_confidence=threshold)  # fmt: skip
 
 
@@ -208,8 +215,8 @@ async def classify_batch(request: Request, state: StateDep, top_k: TopK = None,
     deadline = asyncio.get_running_loop().time() + state.settings.request_timeout_s
     loaded = state.model
     k = _top_k(loaded, top_k)
-    threshold = _threshold(state, min_confidence)
-    await _admit(state, request)
+    threshold = confidence_threshold(state, min_confidence)
+    await admit(state, request)
     form = await read_form(
         request, max_files=state.settings.max_files, max_file_bytes=state.settings.max_upload_bytes
     )
@@ -223,7 +230,7 @@ async def classify_batch(request: Request, state: StateDep, top_k: TopK = None,
             name = upload.filename or "file"
             try:
                 data = await read_upload(upload, state.settings.max_upload_bytes)
-                row = await _classify_bytes(state, request, loaded, data,
+                row = await classify_bytes(state, request, loaded, data,
                                             state.answer_top_k(loaded, k), deadline)  # fmt: skip
             except AppError as err:
                 # same label scheme as whole-request rejections (MetricsMiddleware): status
@@ -233,7 +240,7 @@ async def classify_batch(request: Request, state: StateDep, top_k: TopK = None,
             state.keep(pid, data, loaded, row)
             return FileResult(filename=name, prediction_id=pid,
                               predictions=_predictions(loaded, row[:k]),
-                              uncertain=_judge(state, loaded, row, threshold))  # fmt: skip
+                              uncertain=judge(state, loaded, row, threshold))  # fmt: skip
 
         results = await asyncio.gather(*(one(u) for u in uploads))
     finally:

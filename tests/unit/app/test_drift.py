@@ -11,7 +11,7 @@ from prometheus_client import generate_latest
 
 from app.drift import DriftTracker, Window, jensen_shannon
 from app.metrics import Metrics
-from app.routes.classify import _judge, _threshold
+from app.routes.classify import confidence_threshold, judge
 
 
 def test_jensen_shannon_on_known_distributions() -> None:
@@ -88,21 +88,21 @@ def _loaded() -> SimpleNamespace:
 
 def test_uncertain_only_strictly_below_the_threshold() -> None:
     state, loaded = _state(0.5), _loaded()
-    threshold = _threshold(state, None)  # type: ignore[arg-type]
+    threshold = confidence_threshold(state, None)  # type: ignore[arg-type]
     assert threshold == 0.5
-    assert _judge(state, loaded, [(0, 0.5), (1, 0.3)], threshold) is False  # type: ignore[arg-type]
+    assert judge(state, loaded, [(0, 0.5), (1, 0.3)], threshold) is False  # type: ignore[arg-type]
     below = math.nextafter(0.5, 0)
-    assert _judge(state, loaded, [(0, below), (1, 0.3)], threshold) is True  # type: ignore[arg-type]
-    assert _judge(state, loaded, [(2, 0.9)], None) is False  # type: ignore[arg-type]
+    assert judge(state, loaded, [(0, below), (1, 0.3)], threshold) is True  # type: ignore[arg-type]
+    assert judge(state, loaded, [(2, 0.9)], None) is False  # type: ignore[arg-type]
     text = generate_latest(state.metrics.registry).decode()
     assert 'alexnet_uncertain_total{version="v1"} 1.0' in text
     assert 'alexnet_answers_total{version="v1"} 3.0' in text
 
 
 def test_the_request_threshold_overrides_the_setting() -> None:
-    assert _threshold(_state(0.5), 0.9) == 0.9  # type: ignore[arg-type]
-    assert _threshold(_state(None), None) is None  # type: ignore[arg-type]
-    assert _threshold(_state(None), 0.2) == 0.2  # type: ignore[arg-type]
+    assert confidence_threshold(_state(0.5), 0.9) == 0.9  # type: ignore[arg-type]
+    assert confidence_threshold(_state(None), None) is None  # type: ignore[arg-type]
+    assert confidence_threshold(_state(None), 0.2) == 0.2  # type: ignore[arg-type]
 
 
 def test_the_sampling_baseline_grows_with_classes_over_window_and_is_exported() -> None:
