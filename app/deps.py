@@ -1,5 +1,5 @@
-"""The request dependencies, in one place: the service's state, the admin token, and the
-check of every route's query string."""
+"""The request dependencies, in one place: the service's state, the admin token (and the
+refusal of a read-only server's admin API), and the check of every route's query string."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.errors import ValidationFailed, clip
+from app.errors import ReadOnly, ValidationFailed, clip
 from app.middleware import check_admin_token
 from app.state import AppState
 
@@ -39,6 +39,14 @@ async def require_admin(
     refused unauthenticated requests before their bodies were read."""
     given = f"Bearer {creds.credentials}" if creds is not None else None
     check_admin_token(state.settings.admin_token, given)
+    folder = state.settings.model_dir
+    if folder is not None:  # (after the token: a stranger learns nothing about the server)
+        raise ReadOnly(
+            f"this server serves the version folder {folder} read-only (ALEXNET_MODEL_DIR): "
+            "it has no jobs, datasets, feedback or other versions to administer; train, "
+            "import and activate versions on a server with an ALEXNET_HOME",
+            details={"model_dir": str(folder)},
+        )
 
 
 AdminDep = Depends(require_admin)

@@ -34,7 +34,7 @@ from app.middleware import (
 )
 from app.presence import HEARTBEAT_S, announce, live_servers, withdraw
 from app.presence import update as update_presence
-from app.routes import admin, classify, datasets, feedback, health, models
+from app.routes import admin, classify, datasets, feedback, health, models, oip
 from app.settings import Settings
 from app.state import AppState, build_state
 from model.data import FEEDBACK_SNAPSHOTS
@@ -51,8 +51,8 @@ Upload images to **POST /v1/classify** (one `file`) or **/v1/classify/batch** (s
 
 async def _startup(state: AppState) -> None:
     try:
-        if not await state.load_initial():
-            await bootstrap(state)
+        if not await state.load_initial() and state.settings.model_dir is None:
+            await bootstrap(state)  # (ALEXNET_MODEL_DIR: that folder or nothing)
     except Exception:
         log.exception("startup failed; the service stays up but not ready")
         state.status, state.status_detail = "no_model", "startup failed; see the log"
@@ -109,6 +109,26 @@ def start_feedback(state: AppState) -> None:
                 shutil.rmtree(d, ignore_errors=True)
 
 
+async def start_home(state: AppState) -> None:
+    """What a server of an ALEXNET_HOME does besides serving (none of it with
+    ALEXNET_MODEL_DIR): tidy what killed writers left, keep answers, run jobs, tell the
+    other servers of the home about itself and follow ACTIVE."""
+    s = state.settings
+    # Imports a killed server left half-done (never a live one's: they hold a lock).
+    await asyncio.to_thread(state.datasets.clean_stale)
+    # What a killed writer left (blobs without records, records without blobs, a job's
+    # snapshot), and retention, whether or not this server keeps answers now.
+    await asyncio.to_thread(start_feedback, state)
+    if state.keeper is not None:
+        state.keeper.start()
+    if s.run_jobs:
+        state.runner.start()
+    state.presence = announce(s.home, watch_active_s=s.watch_active_s)
+    state.tasks.append(asyncio.create_task(_heartbeat(state), name="heartbeat"))
+    if s.watch_active_s > 0:
+        state.tasks.append(asyncio.create_task(_watch_active(state), name="watch-active"))
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -124,26 +144,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
         state = build_state(settings)
         app.state.alexnet = state
-        # Imports a killed server left half-done (never a live one's: they hold a lock).
-        await asyncio.to_thread(state.datasets.clean_stale)
-        # What a killed writer left (blobs without records, records without blobs, a
-        # job's snapshot), and retention, whether or not this server keeps answers now.
-        await asyncio.to_thread(start_feedback, state)
-        if state.keeper is not None:
-            state.keeper.start()
+        if settings.model_dir is None:  # ALEXNET_MODEL_DIR: nothing under ALEXNET_HOME
+            await start_home(state)
         state.batcher.start()
-        if settings.run_jobs:
-            state.runner.start()
-        state.presence = announce(settings.home, watch_active_s=settings.watch_active_s)
         state.tasks.append(asyncio.create_task(_startup(state), name="startup"))
-        state.tasks.append(asyncio.create_task(_heartbeat(state), name="heartbeat"))
-        if settings.watch_active_s > 0:
-            state.tasks.append(asyncio.create_task(_watch_active(state), name="watch-active"))
         state.tasks.append(asyncio.create_task(state.trimmer.run(), name="memory-trim"))
         try:
             yield
         finally:
-            withdraw(state.presence)
+            if state.presence is not None:
+                withdraw(state.presence)
             for task in state.tasks:
                 task.cancel()
             await state.runner.stop()
@@ -184,6 +194,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets.router)
     app.include_router(feedback.router)
     app.include_router(feedback.admin)
+    app.include_router(oip.router)
     install_docs(app)
 
     page = resources.files("app").joinpath("static/index.html").read_text()

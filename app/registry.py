@@ -24,6 +24,7 @@ from model.checkpoint import (
     list_cards,
     load_version,
     read_active,
+    read_card,
     resolve_version_dir,
     stored_version_dir,
     write_active,
@@ -212,6 +213,10 @@ class Registry:
     def version_dir(self, version: str) -> Path:
         return resolve_version_dir(self.models_dir, version)
 
+    def folder_of(self, version: str) -> Path:
+        """Where a version listed by `cards` lies."""
+        return self.models_dir / version
+
     def stored_version_dir(self, version: str) -> Path:
         """A version stored under models_dir, by name only (never a path)."""
         return stored_version_dir(self.models_dir, version)
@@ -232,4 +237,61 @@ class Registry:
         return previous
 
 
-__all__ = ["CheckpointError", "LoadedModel", "ParityRefused", "Registry", "prepare"]
+class FixedRegistry(Registry):
+    """ALEXNET_MODEL_DIR: the one version folder this server serves (KServe's storage
+    initializer puts it at /mnt/models), read-only. There is no other version and no
+    ACTIVE: nothing is created, removed or written, in the folder or anywhere else. The
+    folder's name does not matter; its model.json names the version."""
+
+    def __init__(self, folder: Path) -> None:
+        # (no mkdir, no partial saves removed: the folder may be a read-only mount)
+        self.models_dir = self.folder = folder
+        self.current = None
+        self._swap_lock = threading.Lock()
+
+    def _card(self) -> ModelCard | None:
+        try:
+            return read_card(self.folder)
+        except CheckpointError:
+            return None  # (the initial load says why; GET /v1/models lists nothing)
+
+    def active_version(self) -> str | None:
+        if self.current is not None:
+            return self.current.version
+        card = self._card()
+        return card.version if card else None
+
+    def cards(self) -> list[ModelCard]:
+        if self.current is not None:
+            return [self.current.card]
+        card = self._card()
+        return [card] if card else []
+
+    def version_dir(self, version: str) -> Path:
+        if version == "active":
+            return self.folder
+        return self.stored_version_dir(version)
+
+    def stored_version_dir(self, version: str) -> Path:
+        if version != self.active_version():
+            raise CheckpointError(f"no model version {version!r}: this server serves only "
+                                  f"{self.folder} (ALEXNET_MODEL_DIR)")  # fmt: skip
+        return self.folder
+
+    def folder_of(self, version: str) -> Path:
+        return self.folder
+
+    def swap(self, loaded: LoadedModel, *, persist: bool = True) -> LoadedModel | None:
+        with self._swap_lock:  # never ACTIVE: there is nothing to persist
+            previous, self.current = self.current, loaded
+        return previous
+
+
+__all__ = [
+    "CheckpointError",
+    "FixedRegistry",
+    "LoadedModel",
+    "ParityRefused",
+    "Registry",
+    "prepare",
+]

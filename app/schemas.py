@@ -115,9 +115,13 @@ class DeletedVersion(BaseModel):
 
 
 class ModelsResponse(BaseModel):
-    active: str | None = Field(description="the version in ACTIVE on disk")
+    active: str | None = Field(description="the version in ACTIVE on disk (with "
+                               "ALEXNET_MODEL_DIR: the one version of that folder)")  # fmt: skip
     serving: str | None = Field(description="the version answering requests now")
     versions: list[VersionSummary]
+    model_dir: str | None = Field(None, description="ALEXNET_MODEL_DIR: the one version folder "
+                                  "this server serves, read-only; null when it serves "
+                                  "ALEXNET_HOME's versions")  # fmt: skip
 
 
 class Health(BaseModel):

@@ -11,6 +11,22 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def available_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a
+    container's `--cpus`, a Kubernetes CPU limit), where `os.cpu_count()` says the host's."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = cgroup.read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, -(-int(quota) // int(period))))  # ceil: 1.5 CPUs -> 2 threads
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ALEXNET_", env_file=".env", extra="ignore", frozen=True
@@ -133,7 +149,7 @@ class Settings(BaseSettings):
 
     @cached_property
     def effective_job_threads(self) -> int:
-        return self.job_threads or max(1, (os.cpu_count() or 1) - 1)
+        return self.job_threads or max(1, available_cpus() - 1)
 
     @cached_property
     def models_dir(self) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,12 +20,13 @@ from app.datasets import dataset_store
 from app.errors import ModelNotReady
 from app.feedback import TOP_K_KEPT, Answer, FeedbackKeeper, FeedbackStore
 from app.intake import Decoder
+from app.jobs.metrics import JobsCollector
 from app.jobs.runner import JobRunner
 from app.jobs.store import Job, JobStore
 from app.memory import MemoryTrimmer
 from app.metrics import Metrics
-from app.registry import LoadedModel, Registry, prepare
-from app.settings import Settings
+from app.registry import FixedRegistry, LoadedModel, Registry, prepare
+from app.settings import Settings, available_cpus
 from model.checkpoint import CheckpointError, read_card
 from model.data import DatasetError
 from model.datasets import DatasetStore
@@ -37,6 +37,10 @@ from model.predictor import Row
 log = logging.getLogger(__name__)
 
 FEEDBACK_QUEUE_BYTES = 128 * 1024**2  # uploads waiting for the feedback writer, at most
+# ALEXNET_MODEL_DIR: the job and feedback stores are in-memory databases no route writes
+# (every /admin route answers 503 read_only, feedback is off), so nothing under
+# ALEXNET_HOME is read or written and the routes keep their one code path.
+IN_MEMORY = Path(":memory:")
 
 
 @dataclass
@@ -111,10 +115,12 @@ class AppState:
 
     def load(self, version: str) -> LoadedModel:
         """Blocking: load, check and warm a version (run it in a thread)."""
+        return self.load_dir(self.registry.version_dir(version))
+
+    def load_dir(self, folder: Path) -> LoadedModel:
         s = self.settings
-        return prepare(self.registry.version_dir(version), self.placement,
-                       channels_last=s.channels_last, compile_model=s.compile,
-                       warmup_batch_sizes=self.warmup_sizes())  # fmt: skip
+        return prepare(folder, self.placement, channels_last=s.channels_last,
+                       compile_model=s.compile, warmup_batch_sizes=self.warmup_sizes())  # fmt: skip
 
     def serve(self, loaded: LoadedModel, *, persist: bool = True) -> None:
         previous = self.registry.swap(loaded, persist=persist)
@@ -194,6 +200,8 @@ class AppState:
 
     async def _load_initial(self) -> bool:
         self.status = "loading"
+        if isinstance(self.registry, FixedRegistry):
+            return await self._load_fixed(self.registry.folder)
         for version in self.registry.candidates():
             try:
                 loaded = await asyncio.to_thread(self.load, version)
@@ -213,10 +221,27 @@ class AppState:
         self.status = "no_model"
         return False
 
+    async def _load_fixed(self, folder: Path) -> bool:
+        """ALEXNET_MODEL_DIR: that folder or nothing. A folder that does not load leaves the
+        service up and not ready, /readyz saying why (there is nothing to fall back to)."""
+        try:
+            loaded = await asyncio.to_thread(self.load_dir, folder)
+        except Exception as exc:
+            if not isinstance(exc, CheckpointError):
+                log.exception("cannot serve ALEXNET_MODEL_DIR %s", folder)
+            reason = f"ALEXNET_MODEL_DIR {folder} does not load: {exc}"
+            log.error("%s; not ready", reason)
+            self.status, self.status_detail = "no_model", reason
+            return False
+        self.serve(loaded, persist=False)
+        return True
+
 
 def build_state(settings: Settings) -> AppState:
     metrics = Metrics(settings.drift_window)
-    registry = Registry(settings.models_dir)
+    fixed = settings.model_dir
+    registry = FixedRegistry(fixed) if fixed is not None else Registry(settings.models_dir)
+    db_path = IN_MEMORY if fixed is not None else settings.db_path
     placement = resolve(settings.device, settings.precision)
 
     def run_batch(model: LoadedModel, batch: torch.Tensor, top_k: int) -> list[Row]:
@@ -238,23 +263,30 @@ def build_state(settings: Settings) -> AppState:
     )
     # Half the cores decode; the model's own threads use the rest (measured on 2 cores:
     # one decode thread serves ~10% more images/s than two).
-    threads = settings.decode_threads or max(1, (os.cpu_count() or 2) // 2)
+    threads = settings.decode_threads or max(1, available_cpus() // 2)
     decoder = Decoder(
         DecodeLimits(max_pixels=settings.max_image_pixels, max_side=settings.max_image_side),
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode"),
     )
-    jobs = JobStore(settings.db_path)
+    jobs = JobStore(db_path)
+    if settings.run_jobs and fixed is None:
+        # The job gauges come from the one server that runs jobs: replicas never read the
+        # shared database for them (SQLite across nodes of a network filesystem).
+        metrics.registry.register(JobsCollector(jobs))
     runner = JobRunner(
         jobs, settings.jobs_dir, settings.home,
         threads=settings.effective_job_threads, nice=settings.job_nice,
         stop_timeout_s=settings.shutdown_timeout_s, keep_job_state=settings.keep_job_state,
     )  # fmt: skip
-    feedback = FeedbackStore(settings.feedback_dir, settings.db_path,
+    feedback = FeedbackStore(settings.feedback_dir, db_path,
                              max_bytes=settings.feedback_max_bytes,
                              retention_s=settings.feedback_retention_days * 86_400,
                              holdout_share=settings.holdout_split)  # fmt: skip
     keeper = None
-    if settings.feedback:
+    if settings.feedback and fixed is not None:
+        log.warning("ALEXNET_FEEDBACK is ignored with ALEXNET_MODEL_DIR: this server keeps "
+                    "nothing")  # fmt: skip
+    elif settings.feedback:
 
         def counted(kept: int, dropped: dict[str, int]) -> None:
             metrics.feedback_kept.inc(kept)

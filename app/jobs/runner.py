@@ -34,6 +34,7 @@ from app.jobs.process import (
 )
 from app.jobs.progress import EventTail, apply_event, log_event
 from app.jobs.store import RESUMABLE, Job, JobStore
+from app.settings import available_cpus
 from model import run_state
 from model.files import remove_partial_saves
 from model.run import EVENTS_FILE, EXIT_INTERRUPTED, LOG_FILE, config_argv
@@ -191,7 +192,7 @@ class JobRunner:
         env = {k: v for k, v in os.environ.items() if k != "ALEXNET_ADMIN_TOKEN"}
         env["ALEXNET_HOME"] = str(self.home)
         # The bootstrap job runs while nothing is served yet: it may use every core.
-        n = str(os.cpu_count() or 1) if job.source == "bootstrap" else str(self.threads)
+        n = str(available_cpus()) if job.source == "bootstrap" else str(self.threads)
         env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, PYTHONUNBUFFERED="1")
         env[PARENT_PID_ENV] = str(os.getpid())  # app/jobs/child.py
         return env

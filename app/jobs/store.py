@@ -182,6 +182,11 @@ class JobStore:
             ).fetchone()
         return self._row(row) if row else None
 
+    def status_counts(self) -> dict[str, int]:
+        with self._tx() as db:
+            rows = db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
+
     def count(self, status: str) -> int:
         with self._tx() as db:
             n: int = db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?",

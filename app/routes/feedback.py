@@ -148,6 +148,9 @@ def _from_feedback_error(exc: FeedbackError) -> AppError:
 async def feedback_gate(request: Request, state: StateDep) -> None:
     """Before the body is read: 503 while feedback is off, 401 without the feedback token
     (when ALEXNET_FEEDBACK_TOKEN is set; compared in constant time)."""
+    if state.keeper is None and state.settings.model_dir is not None:
+        raise FeedbackDisabled("feedback is off on this server: it serves a version folder "
+                               "read-only (ALEXNET_MODEL_DIR) and keeps nothing")  # fmt: skip
     if state.keeper is None:
         raise FeedbackDisabled("feedback is off on this server: ALEXNET_FEEDBACK=true turns it "
                                "on (it keeps what users upload)")  # fmt: skip

@@ -19,19 +19,20 @@ router = APIRouter(prefix=paths.MODELS, tags=["models"])
 
 @router.get("", summary="Every version with its metrics", response_model=ModelsResponse)
 async def list_models(state: StateDep) -> ModelsResponse:
-    active = state.registry.active_version()
-    serving = state.registry.current.version if state.registry.current else None
-    models_dir = state.registry.models_dir
+    registry, model_dir = state.registry, state.settings.model_dir
+    active = registry.active_version()
+    serving = registry.current.version if registry.current else None
     versions = [
         VersionSummary(
             **c.summary(),
-            size_bytes=tree_bytes(models_dir / c.version),
+            size_bytes=tree_bytes(registry.folder_of(c.version)),
             active=c.version == active,
             serving=c.version == serving,
         )
-        for c in state.registry.cards()
+        for c in registry.cards()
     ]
-    return ModelsResponse(active=active, serving=serving, versions=versions)
+    return ModelsResponse(active=active, serving=serving, versions=versions,
+                          model_dir=str(model_dir) if model_dir else None)  # fmt: skip
 
 
 @router.get(
@@ -49,7 +50,10 @@ async def list_models(state: StateDep) -> ModelsResponse:
                                                 "max_difference": 0.0004}}}}}}}},
 )  # fmt: skip
 async def active_model(state: StateDep) -> dict[str, Any]:
-    return state.model.info()
+    info = state.model.info()
+    if state.settings.model_dir is not None:
+        info["model_dir"] = str(state.settings.model_dir)
+    return info
 
 
 @router.get(
