@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast lint fmt typecheck bench bench-train bench-serve bench-decode bench-overload bench-attack-memory bench-fine-tune bench-feedback bench-calibration clean
+.PHONY: serve test test-fast lint fmt typecheck bench bench-train bench-serve bench-decode bench-overload bench-attack-memory bench-fine-tune bench-feedback bench-calibration bench-export clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,9 @@ bench-precision: $(VENV)/.installed-dev
 
 bench-calibration: $(VENV)/.installed-dev   ## ECE and NLL before/after temperature scaling
 	$(BIN)/python bench/calibration.py
+
+bench-export: $(VENV)/.installed-dev   ## ONNX and .pt2 export time, size, check; runtimes side by side
+	$(BIN)/python bench/export.py
 
 bench-train: $(VENV)/.installed-dev
 	$(BIN)/python bench/train.py
