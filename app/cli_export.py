@@ -10,6 +10,15 @@ from pathlib import Path
 from typing import Any, Final
 
 FORMATS: Final = ("onnx", "pt2", "triton")  # model/export.py: FORMATS (not imported: torch)
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
 EXTRA_HINT: Final = "pip install 'alexnet-service[export]'"
 
 
@@ -38,7 +47,7 @@ def add_parser(sub: Any) -> None:
                    "triton: the model repository)")  # fmt: skip
     p.add_argument("--name", help="triton: the model's name (default: ALEXNET_MODEL_NAME, "
                    "alexnet)")  # fmt: skip
-    p.add_argument("--max-batch-size", type=int, metavar="N",
+    p.add_argument("--max-batch-size", type=_positive, metavar="N",
                    help="triton: max_batch_size (default: ALEXNET_MAX_BATCH_SIZE, 32)")  # fmt: skip
     p.add_argument("--check-images", action="append", metavar="PATH",
                    help="check on these image files or folders (repeatable) instead of the "

@@ -29,6 +29,12 @@ JSON_BODY_LIMIT = 1024 * 1024  # admin request bodies
 FEEDBACK_BODY_LIMIT = 4096  # POST /v1/feedback: an id and a label
 
 
+def infer_body_limit(max_upload_bytes: int, max_files: int) -> int:
+    """/v2 infer: a batch of files, base64 in JSON (4/3) or raw with the binary extension
+    (also the most a compressed body may inflate to)."""
+    return max_upload_bytes * max_files * 4 // 3 + MULTIPART_OVERHEAD
+
+
 def body_limits(max_upload_bytes: int, max_files: int,
                 max_dataset_bytes: int = 0) -> Callable[[str], int]:  # fmt: skip
     """The body limit of each path (the one function the ASGI middleware and the protocol's
@@ -36,8 +42,7 @@ def body_limits(max_upload_bytes: int, max_files: int,
     single = max_upload_bytes + MULTIPART_OVERHEAD
     batch = max_upload_bytes * max_files + MULTIPART_OVERHEAD
     dataset = max_dataset_bytes + MULTIPART_OVERHEAD
-    # /v2 infer: a batch of files, base64 in JSON (4/3) or raw with the binary extension
-    infer = max_upload_bytes * max_files * 4 // 3 + MULTIPART_OVERHEAD
+    infer = infer_body_limit(max_upload_bytes, max_files)
 
     def limit_for(path: str) -> int:
         if path == paths.CLASSIFY:

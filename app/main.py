@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import shutil
 import warnings
 from collections.abc import AsyncIterator
@@ -95,7 +94,9 @@ def start_feedback(state: AppState) -> None:
     (blobs younger than a minute are left alone while another server shares the home: it
     may be between a blob and its record), apply retention, and remove the feedback
     snapshots no job can read any more."""
-    others = [s for s in live_servers(state.settings.home) if s.get("pid") != os.getpid()]
+    # (this server has not announced itself yet: every live record is another's; a pid
+    # says nothing in containers, where every server may be pid 1)
+    others = live_servers(state.settings.home)
     state.feedback.reconcile(grace_s=60.0 if others else 0.0)
     state.feedback.expire()
     keep = {n for status in ("queued", "running", "interrupted", "cancelled")

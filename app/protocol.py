@@ -41,10 +41,11 @@ from app.errors import (
 )
 
 
-def _raw_response(err: AppError) -> bytes:
-    """`err` in the API's error envelope as raw HTTP bytes, closing the connection: these
-    answers go out from the protocol, below the ASGI app and its handlers."""
-    body = json.dumps(err.body()).encode()
+def _raw_response(err: AppError, path: str = "") -> bytes:
+    """`err` in the error envelope (of `path`'s API, when the head got that far) as raw
+    HTTP bytes, closing the connection: these answers go out from the protocol, below the
+    ASGI app and its handlers."""
+    body = json.dumps(err.body(path)).encode()
     extra = "".join(f"{k.lower()}: {v}\r\n" for k, v in (err.headers() or {}).items())
     return (
         f"HTTP/1.1 {err.status} {HTTPStatus(err.status).phrase}\r\n"
@@ -83,6 +84,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._tail = b""  # the last bytes of the head so far (an end split across reads)
         self._body_bytes = 0
         self._body_limit: int | None = None
+        self._path = ""  # the request's path once its head is in (its API's error shape)
         self._malformed_pending = False  # a 400 to send once the requests before it are answered
         self._write_deadline: asyncio.TimerHandle | None = None
         self._running_cycle: Any = None  # the request whose app is running (pipelining)
@@ -130,7 +132,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def _refuse(self, err: AppError) -> None:
         self._release_head()
         if not self.transport.is_closing():
-            self.transport.write(_raw_response(err))
+            self.transport.write(_raw_response(err, self._path))
             self.transport.close()
 
     def _arm(self) -> None:
@@ -178,14 +180,14 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._disarm()
         self._in_head, self._body_bytes = False, 0
         self._release_head()
+        self._path = self.url.split(b"?", 1)[0].decode("latin-1")
         if self.body_limit_for is not None:
-            path = self.url.split(b"?", 1)[0].decode("latin-1")
-            self._body_limit = int(self.body_limit_for(path) * _FRAMING_MARGIN) + 65536
+            self._body_limit = int(self.body_limit_for(self._path) * _FRAMING_MARGIN) + 65536
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        self._in_head, self._head_bytes, self._tail = True, 0, b""
+        self._in_head, self._head_bytes, self._tail, self._path = True, 0, b"", ""
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -31,4 +33,6 @@ async def readyz(state: StateDep) -> Readiness:
 async def metrics(state: StateDep) -> Response:
     state.metrics.queue_depth.set(state.batcher.depth)
     state.metrics.ready.set(1 if state.registry.current is not None else 0)
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    # off the event loop: the job gauges read the job store (app/jobs/metrics.py)
+    text = await asyncio.to_thread(generate_latest, state.metrics.registry)
+    return Response(text, media_type=CONTENT_TYPE_LATEST)

@@ -16,6 +16,7 @@ with `parameters: {"classification": k}` BYTES [N, k] "score:index:label" (as Tr
 from __future__ import annotations
 
 import asyncio
+import zlib
 from collections.abc import Awaitable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -33,9 +34,12 @@ from app.errors import (
     BadRequest,
     ImageTooLargeError,
     NotFound,
+    PayloadTooLarge,
     TooManyFiles,
+    UnsupportedMediaType,
     from_batcher_error,
 )
+from app.intake import infer_body_limit
 from app.registry import LoadedModel
 from app.routes.classify import admit, classify_bytes, classify_tensor, confidence_threshold, judge
 from app.schemas import new_prediction_id
@@ -220,7 +224,10 @@ def _outputs(request: oip.InferRequest, loaded: LoadedModel) -> list[tuple[int, 
         raise BadRequest("parameters.binary_data_output must be true or false")
     out = []
     n = loaded.card.num_classes
-    for o in request.outputs or [oip.RequestOutput(name=OUTPUT)]:
+    outputs = request.outputs or [oip.RequestOutput(name=OUTPUT)]
+    if len(outputs) > 1:
+        raise BadRequest(f"{len(outputs)} outputs requested; this model has one, {OUTPUT!r}")
+    for o in outputs:
         if o.name != OUTPUT:
             raise BadRequest(f"unknown output {o.name[:100]!r}; this model has {OUTPUT!r}")
         p = o.parameters or {}
@@ -233,13 +240,34 @@ def _outputs(request: oip.InferRequest, loaded: LoadedModel) -> list[tuple[int, 
     return out
 
 
+def _decompressed(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """A gzip or deflate request body (Triton's clients' `request_compression_algorithm`),
+    inflated to at most `limit` bytes (a small bomb is refused, not inflated)."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise UnsupportedMediaType(f"Content-Encoding {encoding[:40]!r}: gzip, deflate or none")
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error:
+        raise BadRequest(f"the body is not valid {encoding} data") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise PayloadTooLarge(f"the {encoding} body inflates past {limit} bytes")
+    if not inflater.eof:
+        raise BadRequest(f"the {encoding} body is cut off")
+    return out
+
+
 def _batch_size(state: AppState, tensor: oip.Tensor) -> int:
     n = tensor.shape[0] if tensor.shape else 0
     if n < 1:
         raise BadRequest(f"input {tensor.name!r}: the batch dimension must be at least 1")
-    if n > state.settings.max_files:
-        raise TooManyFiles(f"input {tensor.name!r}: {n} images; at most "
-                           f"{state.settings.max_files} per request (ALEXNET_MAX_FILES)")  # fmt: skip
+    most = min(state.settings.max_files, state.settings.max_queue)
+    if n > most:
+        raise TooManyFiles(f"input {tensor.name!r}: {n} images; at most {most} per request "
+                           "(ALEXNET_MAX_FILES, and the queue's ALEXNET_MAX_QUEUE)")  # fmt: skip
     return n
 
 
@@ -297,11 +325,17 @@ async def infer_version(name: str, version: str, request: Request, state: StateD
 async def _infer(state: AppState, request: Request, name: str, version: str | None,
                  header_length: str | None) -> Response:  # fmt: skip
     deadline = asyncio.get_running_loop().time() + state.settings.request_timeout_s
-    loaded = _served(state, name, version)
-    await admit(state, request)
-    body = await request.body()
     try:
-        req, tensors = oip.parse_request(body, header_length)
+        loaded = _served(state, name, version)
+    except AppError:
+        async for _ in request.stream():  # read (within the limits), so the client reads
+            pass  # the answer on a connection it can reuse, not a reset
+        raise
+    await admit(state, request)
+    limit = infer_body_limit(state.settings.max_upload_bytes, state.settings.max_files)
+    body = _decompressed(await request.body(), request.headers.get("content-encoding"), limit)
+    try:  # off the event loop: a large JSON tensor takes a while to parse
+        req, tensors = await asyncio.to_thread(oip.parse_request, body, header_length)
     except oip.TensorError as exc:
         raise BadRequest(str(exc)) from None
     if len(tensors) != 1:

@@ -5,6 +5,7 @@ after: under root, chmod does not stop writes) or under ALEXNET_HOME, through a 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import shutil
@@ -98,6 +99,29 @@ def test_the_served_version_is_described(
     listed = httpx.get(srv.url + "/v1/models", timeout=10).json()
     assert listed["active"] == listed["serving"] == card.version
     assert [v["version"] for v in listed["versions"]] == [card.version]
+
+
+def test_the_open_inference_protocol_serves_it_under_the_inferenceservices_name(
+    served: tuple[Server, ModelCard, Path, dict[str, tuple[int, int, str]]],
+    jpeg_photos: list[Path],
+) -> None:
+    """As KServe routes to it: /v2/models/{the InferenceService's name} (ALEXNET_MODEL_NAME),
+    the same answer as /v1/classify."""
+    srv, card, _, _ = served
+    meta = httpx.get(srv.url + "/v2/models/alexnet-isvc", timeout=10).json()
+    assert meta["name"] == "alexnet-isvc" and meta["versions"] == [card.version]
+    assert httpx.get(srv.url + "/v2/models/alexnet-isvc/ready", timeout=10).status_code == 200
+    assert httpx.get(srv.url + "/v2/models/alexnet", timeout=10).status_code == 404
+    data = jpeg_photos[1].read_bytes()
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                        "data": [base64.b64encode(data).decode()]}],
+            "outputs": [{"name": "probabilities", "parameters": {"classification": 5}}]}  # fmt: skip
+    r = httpx.post(srv.url + "/v2/models/alexnet-isvc/infer", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    top = [int(e.split(":")[1]) for e in r.json()["outputs"][0]["data"]]
+    v1 = httpx.post(srv.url + "/v1/classify", files={"file": ("p.jpg", data)}, timeout=30).json()
+    assert top == [p["index"] for p in v1["predictions"]]
+    assert "prediction_ids" in r.json()["parameters"]  # (feedback is off: nothing is kept)
 
 
 def test_write_routes_are_refused(

@@ -7,8 +7,11 @@ for the same image."""
 from __future__ import annotations
 
 import base64
+import gzip
 import json
+import socket
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,10 @@ from tests.helpers.versions import make_version  # noqa: E402
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 MAX_FILES = 4
-MAX_QUEUE = 3  # a request of 4 images cannot be queued: 429 before any work
+MAX_QUEUE = 3  # a request of 4 images can never be queued: 413
+MAX_UPLOAD = 2_000_000
+INFER_LIMIT = MAX_UPLOAD * MAX_FILES * 4 // 3 + 64 * 1024  # app/intake.py
+IN_FLIGHT = 1_000_000  # upload bytes being received at once (ALEXNET_MAX_UPLOAD_BYTES_IN_FLIGHT)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +46,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, M
     card = make_version(home / "models", activate=True, probes=True, num_classes=10,
                         labels=[f"thing {i}" for i in range(10)])  # fmt: skip
     srv = Server(home, ALEXNET_PRECISION="fp32", ALEXNET_MAX_FILES=str(MAX_FILES),
-                 ALEXNET_MAX_QUEUE=str(MAX_QUEUE), ALEXNET_MAX_UPLOAD_BYTES="2000000").start()  # fmt: skip
+                 ALEXNET_MAX_QUEUE=str(MAX_QUEUE), ALEXNET_MAX_UPLOAD_BYTES=str(MAX_UPLOAD),
+                 ALEXNET_MAX_UPLOAD_BYTES_IN_FLIGHT=str(IN_FLIGHT)).start()  # fmt: skip
     try:
         yield srv, card
     finally:
@@ -126,6 +133,24 @@ def test_image_files_get_the_same_answers_as_v1(
     assert len(ids) == len(photos) and len(set(ids)) == len(photos)
 
 
+def test_compressed_requests_are_inflated_within_the_limit(
+    client: Any, served: tuple[Server, ModelCard], photos: list[bytes]
+) -> None:
+    srv, _ = served
+    expected = v1_top5(srv, photos[0])
+    for algorithm in ("gzip", "deflate"):  # as Triton's client compresses a request
+        result = client.infer("alexnet", [bytes_input(photos[:1], binary=True)],
+                              request_compression_algorithm=algorithm)  # fmt: skip
+        assert_same_top5(result.as_numpy("probabilities")[0], expected)
+    bomb = gzip.compress(b"\0" * (INFER_LIMIT + 1))  # ~10 KB that would inflate past the limit
+    r = httpx.post(srv.url + "/v2/models/alexnet/infer", content=bomb, timeout=30,
+                   headers={"Content-Encoding": "gzip"})  # fmt: skip
+    assert r.status_code == 413 and "inflates past" in r.json()["error"], r.text
+    r = httpx.post(srv.url + "/v2/models/alexnet/infer", content=b"{}", timeout=30,
+                   headers={"Content-Encoding": "br"})  # fmt: skip
+    assert r.status_code == 415 and set(r.json()) == {"error"}, r.text
+
+
 def test_the_classification_extension_answers_score_index_label(
     client: Any, served: tuple[Server, ModelCard], photos: list[bytes]
 ) -> None:
@@ -205,6 +230,9 @@ def test_bad_tensors_unknown_models_and_overload_are_refused(
                   model_version="v-not-served", text=f"the served version is {card.version!r}")  # fmt: skip
     too_many = bytes_input(photos[:1] * (MAX_FILES + 1), binary=True)
     _expect_error(client, "alexnet", [too_many], status="413", text="ALEXNET_MAX_FILES")
+    two_outputs = [tritonclient_http.InferRequestedOutput("probabilities")] * 2
+    _expect_error(client, "alexnet", [bytes_input(photos[:1], binary=True)],
+                  outputs=two_outputs, status="400", text="2 outputs requested")  # fmt: skip
     unknown_output = tritonclient_http.InferRequestedOutput("logits")
     _expect_error(client, "alexnet", [bytes_input(photos[:1], binary=True)],
                   outputs=[unknown_output], status="400", text="unknown output 'logits'")  # fmt: skip
@@ -247,17 +275,41 @@ def test_a_lying_binary_size_is_refused_in_the_protocols_error_shape(
 def test_overload_is_429_with_retry_after_and_errors_keep_the_protocols_shape(
     served: tuple[Server, ModelCard], photos: list[bytes]
 ) -> None:
+    """A request the queue can never hold is 413 (not a 429 retried for ever); while
+    another upload holds the in-flight budget the middleware refuses with 429 and
+    Retry-After, in the protocol's shape; parse errors and unknown models too."""
     srv, _ = served
-    arr = np.zeros((MAX_FILES, 3, 64, 64), dtype=np.uint8)
+    arr = np.zeros((MAX_QUEUE + 1, 3, 64, 64), dtype=np.uint8)
     body = {"inputs": [{"name": "input", "datatype": "UINT8", "shape": list(arr.shape),
                         "data": arr.reshape(-1).tolist()}]}  # fmt: skip
     r = httpx.post(srv.url + "/v2/models/alexnet/infer", json=body, timeout=30)
-    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
-    assert set(r.json()) == {"error"} and "queue" in r.json()["error"]
+    assert r.status_code == 413 and "ALEXNET_MAX_QUEUE" in r.json()["error"], r.text
+    # an upload of IN_FLIGHT bytes that holds back its end: the budget is spent
+    head = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                   "parameters": {"binary_data_size": IN_FLIGHT + 4}}]}).encode()  # fmt: skip
+    raw = (f"POST /v2/models/alexnet/infer HTTP/1.1\r\nHost: x\r\nContent-Length: "
+           f"{len(head) + IN_FLIGHT + 4}\r\nInference-Header-Content-Length: {len(head)}\r\n\r\n"
+           ).encode() + head + struct.pack("<I", IN_FLIGHT) + b"\0" * (IN_FLIGHT - 10)  # fmt: skip
+    holder = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+    try:
+        holder.sendall(raw)
+        deadline = time.monotonic() + 30  # until the server has read what it was sent
+        while True:
+            r = httpx.post(srv.url + "/v2/models/alexnet/infer", json=body, timeout=30)
+            if r.status_code == 429 or time.monotonic() > deadline:
+                break
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1, r.text
+        assert set(r.json()) == {"error"} and "bytes of uploads" in r.json()["error"]
+    finally:
+        holder.close()
     r = httpx.post(srv.url + "/v2/models/alexnet/infer", content=b"{not json", timeout=30)
     assert r.status_code == 400 and set(r.json()) == {"error"}
     r = httpx.get(srv.url + "/v2/models/resnet", timeout=30)
     assert r.status_code == 404 and set(r.json()) == {"error"}
+    # a declared body over the limit: refused by the middleware before it is read
+    r = httpx.post(srv.url + "/v2/models/alexnet/infer", content=b"x" * (INFER_LIMIT + 1),
+                   timeout=30)  # fmt: skip
+    assert r.status_code == 413 and set(r.json()) == {"error"}, r.text
     # our own API keeps its envelope
     r = httpx.get(srv.url + "/v1/models/nope", timeout=30)
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"

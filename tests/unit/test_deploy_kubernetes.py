@@ -300,3 +300,17 @@ def test_the_docs_create_the_secret_the_trainer_reads(rendered: dict[str, list[D
     ref = environment(docs, trainer)["ALEXNET_ADMIN_TOKEN"]["secretKeyRef"]
     text = (REPO / "docs" / "kubernetes.md").read_text()
     assert f"create secret generic {ref['name']} --from-literal={ref['key']}=" in text
+
+
+def test_the_kserve_runtime_sets_nothing_knative_refuses(rendered: dict[str, list[Doc]]) -> None:
+    """KServe's default (Serverless) mode runs the runtime as a Knative Service, whose
+    webhook masks container fields: `privileged` (even false) and env `valueFrom` field or
+    resource references (behind flags, off by default) fail the deployment."""
+    (c,) = one(rendered["kserve"], "ServingRuntime")["spec"]["containers"]
+    assert "privileged" not in c.get("securityContext", {})
+    for var in c.get("env", []):
+        source = var.get("valueFrom", {})
+        assert not {"fieldRef", "resourceFieldRef"} & set(source), var["name"]
+    assert [p["containerPort"] for p in c["ports"]] == [8080]  # one port, which probes use
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["port"] == 8080
