@@ -243,6 +243,13 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._disarm()
         self._release_head()
         super().connection_lost(exc)
+        # Requests parsed but never started can never run now: drop them, and the bodies
+        # they buffered, at once. Each holds its protocol (a reference cycle): left here
+        # they wait for the cyclic garbage collector, which an idle server never runs (a
+        # client that pipelined uploads and hung up kept ~200 MB until the next traffic).
+        self.pipeline.clear()
+        self.cycle = None  # type: ignore[assignment]
+        self._running_cycle = None
 
 
 def with_header_timeout(
