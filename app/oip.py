@@ -185,6 +185,8 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest,
     for inp in request.inputs:
         if inp.datatype not in DATATYPES:
             raise TensorError(f"input '{inp.name}': unknown datatype {inp.datatype[:40]!r}")
+        if inp.datatype == "BF16":
+            raise TensorError(f"input '{inp.name}': BF16 inputs are not accepted")
         tensor = Tensor(inp.name, inp.datatype, list(inp.shape))
         size = (inp.parameters or {}).get("binary_data_size")
         if size is not None:
@@ -213,6 +215,11 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest,
     return request, tensors
 
 
+def _same_count(t: Tensor, n: int, says: str) -> None:
+    if n != t.count:
+        raise TensorError(f"input '{t.name}': shape {t.shape} has {t.count} elements{says}{n}")
+
+
 def _from_binary(t: Tensor, chunk: bytes) -> None:
     if t.datatype == "BYTES":
         items, pos = [], 0
@@ -228,13 +235,9 @@ def _from_binary(t: Tensor, chunk: bytes) -> None:
                 )
             items.append(chunk[pos : pos + n])
             pos += n
-        if len(items) != t.count:
-            raise TensorError(f"input '{t.name}': shape {t.shape} has {t.count} elements "
-                              f"but the binary data holds {len(items)}")  # fmt: skip
+        _same_count(t, len(items), " but the binary data holds ")
         t.items = items
         return
-    if t.datatype == "BF16":
-        raise TensorError(f"input '{t.name}': BF16 inputs are not accepted")
     dtype = np.dtype(NUMPY[t.datatype])
     if len(chunk) != t.count * dtype.itemsize:
         raise TensorError(
@@ -270,17 +273,11 @@ def _from_json(t: Tensor, data: list[Any]) -> None:
                 items.append(base64.b64decode(v, validate=True))
             except (binascii.Error, ValueError):
                 raise TensorError(f"input '{t.name}': an element is not valid base64") from None
-        if len(items) != t.count:
-            raise TensorError(f"input '{t.name}': shape {t.shape} has {t.count} elements, "
-                              f"data has {len(items)}")  # fmt: skip
+        _same_count(t, len(items), ", data has ")
         t.items = items
         return
-    if t.datatype == "BF16":
-        raise TensorError(f"input '{t.name}': BF16 inputs are not accepted in JSON")
     values = list(_flat(data, t.count + 1))
-    if len(values) != t.count:
-        raise TensorError(f"input '{t.name}': shape {t.shape} has {t.count} elements, "
-                          f"data has {len(values)}")  # fmt: skip
+    _same_count(t, len(values), ", data has ")
     dtype = np.dtype(NUMPY[t.datatype])
     numeric = (int,) if dtype.kind in "iu" else (bool,) if dtype.kind == "b" else (int, float)
     for v in values:
