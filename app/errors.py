@@ -223,6 +223,12 @@ _EXAMPLES: dict[int, tuple[str, str]] = {
 }
 
 
+RETRY_AFTER_STATUSES = (429, 503)
+RETRY_AFTER_HEADER: dict[str, Any] = {
+    "Retry-After": {"schema": {"type": "integer"}, "description": "seconds to wait"}
+}
+
+
 def responses(
     *statuses: int, examples: dict[int, tuple[str, str]] | None = None
 ) -> dict[int | str, dict[str, Any]]:
@@ -237,9 +243,8 @@ def responses(
             "content": {"application/json": {"example": {"error": {
                 "code": code, "message": message, "details": None}}}},
         }  # fmt: skip
-        if status in (429, 503):
-            entry["headers"] = {"Retry-After": {"schema": {"type": "integer"},
-                                                "description": "seconds to wait"}}  # fmt: skip
+        if status in RETRY_AFTER_STATUSES:
+            entry["headers"] = RETRY_AFTER_HEADER
         out[status] = entry
     return out
 

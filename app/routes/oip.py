@@ -30,6 +30,8 @@ from app import oip, paths
 from app.batching import BatcherError
 from app.deps import StateDep
 from app.errors import (
+    RETRY_AFTER_HEADER,
+    RETRY_AFTER_STATUSES,
     AppError,
     BadRequest,
     ImageTooLargeError,
@@ -71,9 +73,8 @@ def protocol_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
             "description": "the protocol's error",
             "content": {"application/json": {"example": {"error": _EXAMPLES[status]}}},
         }
-        if status in (429, 503):
-            entry["headers"] = {"Retry-After": {"schema": {"type": "integer"},
-                                                "description": "seconds to wait"}}  # fmt: skip
+        if status in RETRY_AFTER_STATUSES:
+            entry["headers"] = RETRY_AFTER_HEADER
         out[status] = entry
     return out
 
