@@ -85,6 +85,39 @@ class _BoundedFilesParser(MultiPartParser):
         super().on_part_data(data, start, end)
 
 
+# Media types a raw-body upload may declare: any image/*, or no claim at all. The bytes
+# still decide the format (model/images.py sniffs them); the type only picks the parser.
+RAW_BODY_TYPES = ("image/", "application/octet-stream")
+RAW_BODY_HINT = ("send the image as multipart/form-data (curl -F file=@photo.jpg ...) or "
+                 "as the body itself with Content-Type image/jpeg, image/png, ... or "
+                 "application/octet-stream (curl --data-binary @photo.jpg -H "
+                 "'Content-Type: image/jpeg' ...)")  # fmt: skip
+
+
+def media_type(request: Request) -> str:
+    """The request's media type, lower case, without its parameters."""
+    return request.headers.get("content-type", "").partition(";")[0].strip().lower()
+
+
+def is_raw_body(media: str) -> bool:
+    return media.startswith(RAW_BODY_TYPES[0]) or media == RAW_BODY_TYPES[1]
+
+
+async def read_body(request: Request, max_bytes: int, what: str = "the image") -> bytes:
+    """A raw-body upload, keeping at most `max_bytes + 1` bytes: a larger body is 413 like
+    an oversized multipart file (the rest is read and dropped, within the path's body limit
+    that the middleware enforces, so the answer reaches a client still sending)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        if size <= max_bytes:
+            chunks.append(chunk)
+        size += len(chunk)
+    if size > max_bytes:
+        raise PayloadTooLarge(f"{what} is larger than {max_bytes} bytes")
+    return b"".join(chunks)
+
+
 async def read_form(request: Request, *, max_files: int, max_file_bytes: int) -> FormData:
     """Parse multipart/form-data with bounds on files and fields. A body that ends before
     its closing boundary is malformed (400), not a form with the last part missing."""
@@ -92,9 +125,9 @@ async def read_form(request: Request, *, max_files: int, max_file_bytes: int) ->
     # The media type exactly, in any case (RFC 9110: case-insensitive); its parameters after
     main, params = parse_options_header(ctype)
     if main.strip().lower() != b"multipart/form-data":
-        raise UnsupportedMediaType(
-            "send the image as multipart/form-data (curl -F file=@photo.jpg ...)"
-        )
+        raise UnsupportedMediaType("send the images as multipart/form-data fields 'files' "
+                                   "(curl -F files=@a.jpg -F files=@b.jpg ...)"
+                                   if max_files > 1 else RAW_BODY_HINT)  # fmt: skip
     closing = b"--" + params.get(b"boundary", b"") + b"--"
     seen = _Marker(closing)
     parser = _BoundedFilesParser(request.headers, seen.watch(request.stream()),

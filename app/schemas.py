@@ -135,13 +135,18 @@ class Readiness(BaseModel):
     precision: str | None = None
 
 
-def multipart_body(field: str, *, many: bool) -> dict[str, Any]:
+def multipart_body(field: str, *, many: bool, raw: bool = False) -> dict[str, Any]:
     """An OpenAPI requestBody for image uploads (the route parses the form itself, so
-    that the limits apply while the body streams in)."""
+    that the limits apply while the body streams in). `raw`: the image may also be the
+    body itself (`image/*` or `application/octet-stream`)."""
     item = {"type": "string", "format": "binary"}
     schema = {"type": "array", "items": item} if many else item
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": [field], "properties": {field: schema}}}}}}  # fmt: skip
+    content: dict[str, Any] = {"multipart/form-data": {"schema": {
+        "type": "object", "required": [field], "properties": {field: schema}}}}  # fmt: skip
+    if raw:
+        for media in ("image/*", "application/octet-stream"):
+            content[media] = {"schema": dict(item)}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 class JobRequest(TrainConfig):

@@ -22,7 +22,7 @@ from app.errors import (
     from_image_error,
     responses,
 )
-from app.intake import read_form, read_upload
+from app.intake import is_raw_body, media_type, read_body, read_form, read_upload
 from app.registry import LoadedModel
 from app.schemas import (
     BatchResponse,
@@ -169,28 +169,36 @@ def judge(state: AppState, loaded: LoadedModel, row: Row, threshold: float | Non
     summary="Classify one image",
     response_model=ClassifyResponse,
     responses=responses(400, 413, 415, 422, 429, 500, 503, 504),
-    openapi_extra=multipart_body("file", many=False),
+    openapi_extra=multipart_body("file", many=False, raw=True),
 )
 async def classify(request: Request, state: StateDep, top_k: TopK = None,
                    min_confidence: MinConfidence = None) -> ClassifyResponse:  # fmt: skip
-    """Upload one image as the multipart field `file` (JPEG, PNG, WebP, GIF or BMP; the
-    bytes decide, not the filename). Answers the top-k classes with softmax probabilities
-    and the model version that answered."""
+    """Upload one image (JPEG, PNG, WebP, GIF or BMP; the bytes decide, not the filename or
+    the declared type) as the multipart field `file`, or as the request body itself with
+    `Content-Type: image/jpeg` (any `image/*`) or `application/octet-stream`: the same
+    limits and errors, without a form to parse. Answers the top-k classes with softmax
+    probabilities and the model version that answered."""
     deadline = asyncio.get_running_loop().time() + state.settings.request_timeout_s
     loaded = state.model
     k = _top_k(loaded, top_k)
     await admit(state, request)
-    form = await read_form(request, max_files=1, max_file_bytes=state.settings.max_upload_bytes)
-    try:
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise ValidationFailed("file: a multipart file field named 'file' is required",
-                                   details=[{"loc": ["body", "file"], "msg": "Field required"}])  # fmt: skip
-        data = await read_upload(upload, state.settings.max_upload_bytes)
+    limit = state.settings.max_upload_bytes
+    if is_raw_body(media_type(request)):  # the image itself is the body: no form to parse
+        data = await read_body(request, limit)
         row = await classify_bytes(state, request, loaded, data,
                                     state.answer_top_k(loaded, k), deadline)  # fmt: skip
-    finally:
-        await form.close()
+    else:
+        form = await read_form(request, max_files=1, max_file_bytes=limit)
+        try:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise ValidationFailed("file: a multipart file field named 'file' is required",
+                                       details=[{"loc": ["body", "file"], "msg": "Field required"}])  # fmt: skip
+            data = await read_upload(upload, limit)
+            row = await classify_bytes(state, request, loaded, data,
+                                        state.answer_top_k(loaded, k), deadline)  # fmt: skip
+        finally:
+            await form.close()
     pid = new_prediction_id()
     state.keep(pid, data, loaded, row)
     threshold = confidence_threshold(state, min_confidence)

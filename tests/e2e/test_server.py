@@ -11,10 +11,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.helpers.cli import run_cli
 from tests.helpers.server import Server
-from tests.helpers.versions import make_version
+from tests.helpers.versions import encode, make_version
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -50,6 +51,14 @@ def test_body_limit_is_enforced_while_streaming(tmp_path: Path) -> None:
         # Declared too large: refused before any body byte is read.
         r = httpx.post(srv.url + "/v1/classify", content=b"x" * 300_000,
                        headers={"content-type": "multipart/form-data; boundary=b"})  # fmt: skip
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+        # The image itself as the body: classified with a length and chunked; too large 413.
+        photo = encode(Image.new("RGB", (200, 150), (30, 120, 200)), "JPEG")
+        raw = {"content-type": "image/jpeg"}
+        for content in (photo, iter([photo[:999], photo[999:]])):
+            r = httpx.post(srv.url + "/v1/classify", content=content, headers=raw)
+            assert r.status_code == 200 and len(r.json()["predictions"]) == 5, r.text
+        r = httpx.post(srv.url + "/v1/classify", content=b"x" * 300_000, headers=raw)
         assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
         # Chunked, no Content-Length: refused once the streamed bytes pass the limit, while
         # the client still has 9 MB to send.
