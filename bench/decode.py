@@ -1,5 +1,8 @@
 """Decode + preprocess one upload (JPEG photo -> uint8 (3, 224, 224)): the options tried.
 
+decode_tensor (model/images.py) is what the service uses: torchvision.io for a baseline
+JPEG that Pillow would decode at full scale, Pillow (with draft for large JPEGs) otherwise.
+
 python bench/decode.py            # prints a markdown table
 """
 
@@ -17,7 +20,7 @@ from torchvision.transforms import functional as F1
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import jpeg_photos, machine, photo_paths, table
-from model.images import decode_image, to_tensor
+from model.images import decode_image, decode_tensor, to_tensor
 from model.pretrained import IMAGENET_PRE
 from model.transforms import EvalTransform
 
@@ -29,8 +32,12 @@ def pillow_full_v2(data: bytes) -> torch.Tensor:
     return TF(to_tensor(decode_image(data)))
 
 
-def pillow_draft_v2(data: bytes) -> torch.Tensor:  # what the service does
+def pillow_draft_v2(data: bytes) -> torch.Tensor:  # what the service did before decode_tensor
     return TF(to_tensor(decode_image(data, min_side=PRE.min_side)))
+
+
+def service(data: bytes) -> torch.Tensor:  # what the service does
+    return TF(decode_tensor(data, min_side=PRE.min_side))
 
 
 def pillow_pil_resize(data: bytes) -> torch.Tensor:
@@ -52,7 +59,8 @@ def torchvision_io_v1(data: bytes) -> torch.Tensor:
 
 OPTIONS: list[tuple[str, Callable[[bytes], torch.Tensor]]] = [
     ("Pillow full decode + torch uint8 resize", pillow_full_v2),
-    ("Pillow draft decode + torch uint8 resize (used)", pillow_draft_v2),
+    ("decode_tensor + torch uint8 resize (used)", service),
+    ("Pillow draft decode + torch uint8 resize", pillow_draft_v2),
     ("Pillow full decode + PIL resize", pillow_pil_resize),
     ("torchvision.io.decode_jpeg + torch uint8 resize", torchvision_io_v2),
     ("torchvision.io.decode_jpeg + float resize (v1)", torchvision_io_v1),
@@ -65,14 +73,14 @@ def main() -> None:
     if not photo_paths():
         raise SystemExit("no sample photos: pip install -e '.[dev]' (scikit-image)")
     with tempfile.TemporaryDirectory() as tmp:
-        for size in [(1024, 768), (3000, 2000)]:
+        for size in [(451, 300), (640, 480), (1024, 768), (3000, 2000)]:
             files = jpeg_photos(Path(tmp) / f"{size[0]}", size)
             datas = [f.read_bytes() for f in files]
             ref = [pillow_full_v2(d).float() for d in datas]
             for name, fn in OPTIONS:
                 for d in datas[:2]:
                     fn(d)
-                reps = 3 if size[0] > 2000 else 10
+                reps = 3 if size[0] > 2000 else 10 if size[0] > 700 else 30
                 t0 = time.perf_counter()
                 for _ in range(reps):
                     outs = [fn(d) for d in datas]

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset
 
 from model import synthetic
-from model.images import decode_image, to_tensor
+from model.images import decode_tensor
 from model.transforms import EvalTransform, Preprocessing
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class ImageFiles(Dataset[tuple[torch.Tensor, int]]):
 
     def load(self, data: bytes) -> torch.Tensor:
         """One file's bytes as this dataset yields them (the version's probes use it)."""
-        return self.eval_square(to_tensor(decode_image(data, min_side=self.side)))
+        return self.eval_square(decode_tensor(data, min_side=self.side))
 
 
 def label_counts(ds: Dataset[tuple[torch.Tensor, int]], num_classes: int) -> list[int] | None:

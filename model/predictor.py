@@ -24,7 +24,7 @@ from model.engine import (
     forward_logits,
     predict,
 )
-from model.images import DecodeLimits, decode_image, to_tensor
+from model.images import DecodeLimits, decode_tensor
 from model.transforms import EvalTransform
 
 BATCH: Final = 32  # what `classify` runs at once
@@ -48,8 +48,8 @@ class Predictor:
     def decode(self, data: bytes, limits: DecodeLimits) -> torch.Tensor:
         """An uploaded or stored file as the model's input (3, S, S). Raises `ImageError`
         (model/images.py) for what is not a decodable image within `limits`."""
-        img = decode_image(data, limits=limits, min_side=self.card.preprocessing.min_side)
-        return self.transform(to_tensor(img))
+        img = decode_tensor(data, limits=limits, min_side=self.card.preprocessing.min_side)
+        return self.transform(img)
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         """Decoded uint8 images (B, 3, H, W) at the resize size as the model's input."""
