@@ -138,7 +138,7 @@ def _fast_jpeg(data: bytes, limits: DecodeLimits, min_side: int | None) -> torch
         ):
             return None
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        out = decode_jpeg(buf, mode=ImageReadMode.RGB)
+        out: torch.Tensor = decode_jpeg(buf, mode=ImageReadMode.RGB)
     except Exception:  # Pillow decides, and names the error
         return None
     if tuple(out.shape) != (3, h, w):
