@@ -16,7 +16,9 @@ from app.middleware import check_admin_token
 from app.state import AppState
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    """async: FastAPI runs a plain `def` dependency in a worker thread, a hop per request
+    (bench/cpu_profile.py found it on every classify call)."""
     state: AppState = request.app.state.alexnet
     return state
 
