@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast lint fmt typecheck bench bench-train bench-serve bench-decode bench-overload bench-attack-memory bench-fine-tune bench-feedback bench-calibration bench-export clean
+.PHONY: serve test test-fast lint fmt typecheck bench bench-train bench-serve bench-profile bench-peers bench-decode bench-overload bench-attack-memory bench-fine-tune bench-feedback bench-calibration bench-export clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,12 @@ bench-train: $(VENV)/.installed-dev
 
 bench-serve: $(VENV)/.installed-dev
 	$(BIN)/python bench/serve.py
+
+bench-profile: $(VENV)/.installed-dev   ## CPU ms per image by stage under wrk -c32 (needs wrk, py-spy with ptrace)
+	$(BIN)/python bench/cpu_profile.py
+
+bench-peers: $(VENV)/.installed-dev   ## ours vs LitServe vs batch-1 fp32 at c1 and c32 (needs wrk, LitServe: see bench/peers.py)
+	$(BIN)/python bench/peers.py
 
 bench-overload: $(VENV)/.installed-dev   ## 2 minutes at twice the measured capacity
 	$(BIN)/python bench/overload.py
