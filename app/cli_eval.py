@@ -22,11 +22,11 @@ _SPLIT_TEXT: Final = {
 
 def run_evaluate(args: argparse.Namespace, settings: Any) -> int:
     from model.checkpoint import load_version, resolve_version_dir
-    from model.device import resolve
+    from model.device import eager_placement, resolve
     from model.evaluation import evaluate_version
 
     net, card = load_version(resolve_version_dir(settings.models_dir, args.model))
-    placement = resolve(settings.device, settings.precision)
+    placement = eager_placement(resolve(settings.device, settings.precision))
     report = evaluate_version(
         net,
         card,

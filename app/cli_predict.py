@@ -69,7 +69,7 @@ def run_predict(args: argparse.Namespace, settings: Any) -> int:
     import torch
 
     from model.checkpoint import load_version, resolve_version_dir
-    from model.device import resolve
+    from model.device import eager_placement, resolve
     from model.images import DecodeLimits, ImageError
     from model.predictor import Predictor
 
@@ -77,7 +77,7 @@ def run_predict(args: argparse.Namespace, settings: Any) -> int:
         raise PredictError(f"--top-k must be at least 1, got {args.top_k}")
     net, card = load_version(resolve_version_dir(settings.models_dir, args.model))
     top_k = top_k_for(args.top_k, card.num_classes)
-    predictor = Predictor(net, card, resolve(settings.device, settings.precision),
+    predictor = Predictor(net, card, eager_placement(resolve(settings.device, settings.precision)),
                           channels_last=settings.channels_last)  # fmt: skip
     limits = DecodeLimits(max_pixels=settings.max_image_pixels, max_side=settings.max_image_side)
     results: list[dict[str, Any]] = []

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from app.memory import trim
-from model import probes
+from model import probes, quantize
 from model.checkpoint import (
     CARD_FILE,
     CheckpointError,
@@ -29,7 +29,7 @@ from model.checkpoint import (
     stored_version_dir,
     write_active,
 )
-from model.device import Placement
+from model.device import Placement, cpu_has_fast_bf16
 from model.files import remove_partial_saves
 from model.images import DecodeLimits, ImageError
 from model.predictor import Predictor, Row
@@ -108,6 +108,55 @@ def _failures(report: dict[str, Any]) -> str:
                                if n > len(shown) else "")  # fmt: skip
 
 
+def _calibration(ref: Predictor, version_dir: Path, card: ModelCard) -> torch.Tensor:
+    """What int8 calibrates on (model/quantize.py): built-in images rendered with another
+    seed than `_probe_batch`'s (the agreement check's stay unseen), and the version's probe
+    files through the serving decode; as the network's inputs (normalised floats)."""
+    size = card.resize_size
+    imgs = [torch.from_numpy(render(quantize.CALIBRATION_SEED, i, size)[0]).permute(2, 0, 1)
+            for i in range(quantize.CALIBRATION_IMAGES)]  # fmt: skip
+    x = ref.inputs(torch.stack(imgs))
+    files = [ref.decode((version_dir / p["file"]).read_bytes(), DecodeLimits())
+             for p in card.probes or []]  # fmt: skip
+    if files:
+        x = torch.cat([x, torch.stack(files)])
+    with torch.no_grad():
+        out: torch.Tensor = ref.model.norm(x).float()
+    return out
+
+
+def _candidates(placement: Placement, card: ModelCard, cache_dir: Path | None,
+                sizes: tuple[int, ...]) -> list[tuple[str, bool]]:  # fmt: skip
+    """The reduced precisions to try, best first, each with whether it may be built now
+    (int8: quantized and compiled) or only taken from the cache."""
+    p = placement.precision
+    if p == "int8":
+        return [("int8", True)] + ([("bf16", True)] if cpu_has_fast_bf16() else [])
+    out = [(p, True)] if p != "fp32" else []
+    # auto: int8 only from a cached program that passed the guard before (built by an
+    # explicit ALEXNET_PRECISION=int8 load): auto never pays quantize + compile at load.
+    if (placement.auto and placement.device.type == "cpu" and quantize.available()
+            and quantize.cpu_has_fast_int8()):  # fmt: skip
+        key = quantize.cache_key(card.sha256, card.image_size)
+        if quantize.cached(cache_dir, card.version, key, sizes) is not None:
+            out.insert(0, ("int8", False))
+    return out
+
+
+def _int8_predictor(ref: Predictor, version_dir: Path, card: ModelCard, device: torch.device,
+                    sizes: tuple[int, ...], cache_dir: Path | None,
+                    allow_build: bool) -> tuple[Predictor, quantize.Built]:  # fmt: skip
+    built = quantize.build(
+        lambda: load_version(version_dir)[0],  # fresh fp32 weights, contiguous
+        lambda: _calibration(ref, version_dir, card),
+        version=card.version, key=quantize.cache_key(card.sha256, card.image_size),
+        sizes=sizes, image_size=card.image_size, cache_dir=cache_dir, allow_build=allow_build,
+    )  # fmt: skip
+    # the program is the network (the normalisation before it stays fp32 in Classifier)
+    predictor = Predictor(built.program, card, Placement(device, "int8"), channels_last=False)
+    return predictor, built
+
+
 def prepare(
     version_dir: Path,
     placement: Placement,
@@ -115,14 +164,23 @@ def prepare(
     channels_last: bool = True,
     compile_model: bool = False,
     warmup_batch_sizes: tuple[int, ...] = (1, 8),
+    cache_dir: Path | None = None,
+    min_agreement: float = AGREEMENT_MIN,
 ) -> LoadedModel:
     """Load and validate a version, place it, and check it before serving:
 
     1. the parity probes at fp32 (model/probes.py): a failure refuses the version
        (`ParityRefused`, naming the probe and the difference);
     2. at a reduced precision, the probes within that precision's tolerance and top-1
-       agreement with fp32 on `PROBE_IMAGES` built-in images (>= 99%); either failing
-       serves fp32 and says why (`precision_check.fallback`).
+       agreement with fp32 on `PROBE_IMAGES` built-in images (>= `min_agreement`,
+       ALEXNET_MIN_AGREEMENT, 99% by default); either failing
+       tries the next precision (int8 -> bf16 where the CPU has fast bf16 -> fp32) and
+       says why (`precision_check.fallback`).
+
+    int8 (model/quantize.py) is checked as the compiled program that serves it, one per
+    batch size in `warmup_batch_sizes`, cached under `cache_dir` (None: no cache). An
+    `auto` placement tries int8 first only where such a program is already cached and
+    passed this check before.
 
     Then compile if asked and warm up. Blocking: call it from a worker thread."""
     t0 = time.perf_counter()
@@ -137,30 +195,54 @@ def prepare(
             f"computed: {why} (the preprocessing or decoder differs from the one it was "
             "trained with, or model.json was edited)"
         )
-    predictor = ref
-    if placement.precision != "fp32":
+    predictor, served = ref, fp32  # (each candidate gets its own copy of the weights)
+    sizes = tuple(sorted(set(warmup_batch_sizes))) or (1,)
+    candidates = _candidates(placement, card, cache_dir, sizes)
+    reasons: list[str] = []
+    if candidates:
         probe_x = _probe_batch(ref, PROBE_IMAGES)
         ref_top1 = ref.top1(probe_x)
-        predictor = Predictor(net, card, placement, channels_last=channels_last)
-        agreement = float((predictor.top1(probe_x) == ref_top1).float().mean())
-        reduced = parity(predictor, version_dir, card)
-        check.update({"agreement_with_fp32": agreement, "probes": PROBE_IMAGES,
-                      "requested": placement.precision})  # fmt: skip
-        check["parity"][placement.precision] = reduced
-        reason = None
+        check.update({"probes": PROBE_IMAGES, "agreement": {},
+                      "requested": "auto" if placement.auto else placement.precision})  # fmt: skip
+    for precision, allow_build in candidates:
+        built: quantize.Built | None = None
+        if precision == "int8":
+            try:
+                cand, built = _int8_predictor(ref, version_dir, card, placement.device, sizes,
+                                              cache_dir, allow_build)  # fmt: skip
+            except Exception as exc:  # int8 that cannot be built here: a fallback, not a crash
+                why = f"int8 could not be built: {type(exc).__name__}: {exc}"
+                log.warning("%s: %s", card.version, why)
+                reasons.append(why)
+                continue
+        else:
+            cand = Predictor(load_version(version_dir)[0], card,
+                             Placement(placement.device, precision),
+                             channels_last=channels_last)  # fmt: skip
+        agreement = float((cand.top1(probe_x) == ref_top1).float().mean())
+        reduced = parity(cand, version_dir, card)
+        check["agreement"][precision] = check["agreement_with_fp32"] = agreement
+        check["parity"][precision] = reduced
+        if built is not None:
+            check["int8"] = {"agreement_with_fp32": agreement, **built.describe()}
+        reason: str | None = None
         if reduced["passed"] is False:
-            reason = f"{placement.precision} fails the probes: {_failures(reduced)}"
-        elif agreement < AGREEMENT_MIN:
-            reason = (f"{placement.precision} agrees with fp32 on {100 * agreement:.1f}% of "
-                      f"{PROBE_IMAGES} images (< {100 * AGREEMENT_MIN:.0f}%)")  # fmt: skip
-        if reason is not None:
-            log.warning("%s: %s; serving fp32", card.version, reason)
-            check["fallback"] = reason
-            placement = fp32
-            net, _ = load_version(version_dir)  # the fp32 weights, not bf16 rounded
-            predictor = Predictor(net, card, fp32, channels_last=channels_last)
-    compiled = False
-    if compile_model:
+            reason = f"{precision} fails the probes: {_failures(reduced)}"
+        elif agreement < min_agreement:
+            reason = (f"{precision} agrees with fp32 on {100 * agreement:.1f}% of "
+                      f"{PROBE_IMAGES} images (< {100 * min_agreement:g}%)")  # fmt: skip
+        if built is not None:
+            quantize.record_guard(built, reason is None, agreement)
+        if reason is None:
+            predictor, served = cand, cand.placement
+            break
+        log.warning("%s: %s; trying the next precision", card.version, reason)
+        reasons.append(reason)
+    if reasons:
+        check["fallback"] = "; ".join(reasons)
+    placement = served
+    compiled = placement.precision == "int8"  # (AOTInductor: compiled already)
+    if compile_model and not compiled:
         eager = predictor.model.net
         predictor.model.net = torch.compile(eager, dynamic=False)  # type: ignore[assignment]
         compiled = True

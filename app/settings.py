@@ -38,10 +38,16 @@ class Settings(BaseSettings):
     # State: models/, data/, jobs/, alexnet.db.
     home: Path = Path("var")
 
-    # Inference placement; `auto` picks CUDA > MPS > CPU and bf16 where it is fast.
+    # Inference placement; `auto` picks CUDA > MPS > CPU and bf16 where it is fast (and
+    # int8 where a guard-passing int8 program of the version is already cached).
+    # int8: CPU only, needs the `int8` extra (torchao); its compiled programs are cached
+    # under $ALEXNET_HOME/cache/int8/ (model/quantize.py).
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
     compile: bool = False  # torch.compile: measured at no gain for AlexNet on CPU
+    # A reduced precision (bf16, fp16, int8) is served only when its top-1 answers agree
+    # with fp32's on at least this share of the load-time check's images (app/registry.py).
+    min_agreement: float = Field(0.99, ge=0.5, le=1)
     channels_last: bool = True
 
     # Micro-batching.
@@ -154,6 +160,10 @@ class Settings(BaseSettings):
     @cached_property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+    @cached_property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
 
     @cached_property
     def data_dir(self) -> Path:

@@ -121,7 +121,9 @@ class AppState:
     def load_dir(self, folder: Path) -> LoadedModel:
         s = self.settings
         return prepare(folder, self.placement, channels_last=s.channels_last,
-                       compile_model=s.compile, warmup_batch_sizes=self.warmup_sizes())  # fmt: skip
+                       compile_model=s.compile, warmup_batch_sizes=self.warmup_sizes(),
+                       cache_dir=None if s.model_dir is not None else s.cache_dir,
+                       min_agreement=s.min_agreement)  # fmt: skip
 
     def serve(self, loaded: LoadedModel, *, persist: bool = True) -> None:
         previous = self.registry.swap(loaded, persist=persist)

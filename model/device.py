@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Final
@@ -13,8 +14,11 @@ import torch
 log = logging.getLogger(__name__)
 
 DEVICES: Final = ("auto", "cpu", "cuda", "mps")
-PRECISIONS: Final = ("auto", "fp32", "bf16", "fp16")
-DTYPES: Final = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS: Final = ("auto", "fp32", "bf16", "fp16", "int8")
+# int8 (model/quantize.py) takes and returns float32: the quantized program quantizes inside.
+DTYPES: Final = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                 "int8": torch.float32}  # fmt: skip
+INT8_INSTALL: Final = "pip install 'alexnet-service[int8]'"
 
 
 class DeviceError(ValueError):
@@ -62,10 +66,13 @@ def select_device(preference: str = "auto") -> torch.device:
 
 
 def select_precision(preference: str, device: torch.device) -> str:
-    """Resolve `auto|fp32|bf16|fp16` for `device`.
+    """Resolve `auto|fp32|bf16|fp16|int8` for `device`.
 
     auto: bf16 on CPUs with AMX or AVX-512-BF16 (2-3x faster than fp32 there), bf16 on
-    CUDA GPUs that support it else fp16, fp32 elsewhere (MPS included).
+    CUDA GPUs that support it else fp16, fp32 elsewhere (MPS included). (A `Placement`
+    resolved from auto may still serve int8 on the CPU: app/registry.py `prepare` does
+    where a guard-passing int8 program of the version is cached.)
+    int8: CPU only (PT2E + x86 kernels, model/quantize.py), needs torchao.
     """
     if preference not in PRECISIONS:
         raise DeviceError(
@@ -77,6 +84,14 @@ def select_precision(preference: str, device: torch.device) -> str:
         if device.type == "cpu" and cpu_has_fast_bf16():
             return "bf16"
         return "fp32"
+    if preference == "int8":
+        if device.type != "cpu":
+            raise DeviceError(f"precision 'int8' runs on the CPU only, not {device.type}; "
+                              "use bf16 or fp16 there")  # fmt: skip
+        if importlib.util.find_spec("torchao") is None:
+            raise DeviceError(f"precision 'int8' needs torchao: {INT8_INSTALL}")
+        if not {"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags():
+            log.warning("int8 requested on a CPU without VNNI or AMX: expect it to be slow")
     if preference == "fp16" and device.type == "cpu":
         raise DeviceError("precision 'fp16' is not supported on the CPU; use bf16 or fp32")
     if preference == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
@@ -90,6 +105,8 @@ class Placement:
 
     device: torch.device
     precision: str
+    # Resolved from `auto`: int8 may replace `precision` at load (see select_precision).
+    auto: bool = field(default=False, compare=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -104,4 +121,13 @@ class Placement:
 
 def resolve(device: str = "auto", precision: str = "auto") -> Placement:
     dev = select_device(device)
-    return Placement(dev, select_precision(precision, dev))
+    return Placement(dev, select_precision(precision, dev), auto=precision == "auto")
+
+
+def eager_placement(placement: Placement) -> Placement:
+    """What the CLI's one-off `predict` and `evaluate` run at: int8 is a compiled, cached
+    program that only the server's load builds (app/registry.py), so they run fp32."""
+    if placement.precision == "int8":
+        log.warning("int8 is served by `alexnet serve` only; running fp32 here")
+        return Placement(placement.device, "fp32")
+    return placement

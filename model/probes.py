@@ -53,8 +53,12 @@ MAX_FILE_BYTES: Final = 256 * 1024  # a larger source file is re-encoded (JPEG) 
 # "tf32": fp32 on CUDA with TF32 matmuls or convolutions allowed (cuDNN's default for
 # convolutions), which round inputs to 10 bits of mantissa: not measured yet (no GPU), set
 # between fp32 and fp16.
-TOLERANCE: Final = {"fp32": 0.02, "tf32": 0.04, "fp16": 0.05, "bf16": 0.12}
-LOGIT_TOLERANCE: Final = {"fp32": 0.04, "tf32": 0.05, "fp16": 0.06, "bf16": 0.1}
+# "int8" (model/quantize.py: uint8 activations per tensor, int8 weights per channel):
+# measured on the same EPYC (bench/int8.py), int8 moves logits by 0.048 (a 64-px test
+# version) and 0.055 (the 224-px 1000-class model) of their spread, probabilities by 0.008
+# and 0.004: set with room above that, and still below what a wrong preprocessing moves.
+TOLERANCE: Final = {"fp32": 0.02, "tf32": 0.04, "fp16": 0.05, "bf16": 0.12, "int8": 0.12}
+LOGIT_TOLERANCE: Final = {"fp32": 0.04, "tf32": 0.05, "fp16": 0.06, "bf16": 0.1, "int8": 0.15}
 
 
 def tolerance_key(placement: Any) -> str:

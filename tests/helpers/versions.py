@@ -31,6 +31,7 @@ def make_version(
     labels: list[str] | None = None,
     probes: bool = False,
     bf16_fragile: bool = False,
+    int8_fragile: bool = False,
     **kw: object,
 ) -> ModelCard:
     """A small randomly initialised version; fc8 scaled by `sharpen` so its softmax is
@@ -49,6 +50,16 @@ def make_version(
             # and the two tie. A real precision failure, on every CPU.
             last.weight[0].fill_(64.0)
             last.weight[1].fill_(64.2)
+            last.bias[:2].zero_()
+        if int8_fragile:
+            # Also too close for int8 (per-channel weights, step = the row's max / 127):
+            # both rows get one weight of 200.0, so their step is 200 / 127 = 1.57 and
+            # 64.0 and 64.2 both round to 41 steps: the int8 rows are equal, the logits tie
+            # and the top-1 goes to class 0 where fp32 answers class 1. (bf16 ties too:
+            # 200 is a bf16 value.)
+            last.weight[0].fill_(64.0)
+            last.weight[1].fill_(64.2)
+            last.weight[:2, 0] = 200.0
             last.bias[:2].zero_()
     pre = Preprocessing.for_size(image_size)
     names = list(labels) if labels else [f"class_{i}" for i in range(num_classes)]

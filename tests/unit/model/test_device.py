@@ -37,7 +37,7 @@ def test_explicit_precisions(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(D.DeviceError, match="fp16"):
         D.select_precision("fp16", cpu)
     with pytest.raises(D.DeviceError, match="auto, fp32, bf16, fp16"):
-        D.select_precision("int8", cpu)
+        D.select_precision("int4", cpu)
 
 
 def test_placement_reports_what_was_chosen() -> None:
