@@ -230,6 +230,9 @@ def main() -> None:
     ap.add_argument("--litserve-python", type=Path, default=None,
                     help=f"an interpreter that imports litserve and torch (default: this one, "
                          f"else {DEFAULT_LITSERVE_PYTHON})")  # fmt: skip
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting for our server (not the baseline), e.g. "
+                         "ALEXNET_PRECISION=int8; repeatable")  # fmt: skip
     ap.add_argument("--serve-litserve", type=Path, metavar="VERSION_DIR", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=8000, help=argparse.SUPPRESS)
     ap.add_argument("--batch-timeout-s", type=float, default=0.002, help=argparse.SUPPRESS)
@@ -255,7 +258,10 @@ def main() -> None:
         lit_script.write_text(script.read_text().replace('"/v1/classify"', '"/predict"'))
 
         ours_top5: list[list[tuple[int, float]]] = []
-        for name, env in (("ours (defaults)", {}),
+        ours_env = dict(e.split("=", 1) for e in args.env)
+        if ours_env:
+            notes.append("ours with " + " ".join(args.env))
+        for name, env in (("ours (defaults)", ours_env),
                           ("baseline: batch 1, fp32", {"ALEXNET_MAX_BATCH_SIZE": "1",
                                                        "ALEXNET_PRECISION": "fp32"})):  # fmt: skip
             srv = Server(home, **env).start(timeout_s=600)
