@@ -240,6 +240,7 @@ def prepare(
         reasons.append(reason)
     if reasons:
         check["fallback"] = "; ".join(reasons)
+        log.warning("%s: serving %s", card.version, served.precision)
     placement = served
     compiled = placement.precision == "int8"  # (AOTInductor: compiled already)
     if compile_model and not compiled:

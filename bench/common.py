@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from model.device import cpu_info
 from tests.helpers.photos import photo_paths
 
 
@@ -27,15 +27,9 @@ def jpeg_photos(folder: Path, size: tuple[int, int] | None = (1024, 768)) -> lis
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    cpu, flags = cpu_info()
+    amx = "AMX" if "amx_bf16" in flags else "no AMX"
+    return (f"{cpu} ({amx}), {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads")  # fmt: skip
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import signal
 import subprocess
@@ -121,24 +120,6 @@ def serve_litserve(
 # ----------------------------------------------------------------------------- the run
 
 
-def wrk(url: str, script: Path, conc: int, seconds: int) -> dict[str, float]:
-    out = subprocess.run(["wrk", "-t1", f"-c{conc}", f"-d{seconds}s", "--latency", "--timeout", "30s",
-                          "-s", str(script), url], capture_output=True, text=True, check=True).stdout  # fmt: skip
-
-    def lat(p: str) -> float:
-        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)", out, re.M)
-        assert m, out
-        v, unit = float(m.group(1)), m.group(2)
-        return v / 1000 if unit == "us" else v if unit == "ms" else v * 1000
-
-    n = re.search(r"(\d+) requests in", out)
-    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    assert n, out
-    errors = float(bad.group(1)) if bad else 0.0
-    return {"requests": float(n.group(1)), "ok": float(n.group(1)) - errors, "errors": errors,
-            "ok_rps": (float(n.group(1)) - errors) / seconds, "p50": lat("50"), "p99": lat("99")}  # fmt: skip
-
-
 def litserve_python(given: Path | None) -> Path:
     candidates = [given] if given else [Path(sys.executable), DEFAULT_LITSERVE_PYTHON]
     for py in candidates:
@@ -213,6 +194,7 @@ def same_answer(ours: list[tuple[int, float]], theirs: list[tuple[int, float]]) 
 
 def measure(url: str, script: Path, pid: int, seconds: int) -> dict[int, dict[str, float]]:
     from bench.cpu_profile import tree_cpu_s
+    from bench.serve import wrk
 
     out = {}
     for conc in CONCURRENCY:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import platform
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -26,16 +27,27 @@ class DeviceError(ValueError):
 
 
 @cache
-def cpu_flags() -> frozenset[str]:
-    """CPU feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and feature flags from /proc/cpuinfo (the first core's; "" and
+    none where there is no such file, e.g. macOS: the name is then the platform's)."""
+    name, flags = "", frozenset[str]()
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return frozenset()
+        text = ""
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+        if not name and line.startswith("model name"):
+            name = line.split(":", 1)[1].strip()
+        elif not flags and line.startswith("flags"):
+            flags = frozenset(line.split(":", 1)[1].split())
+        if name and flags:
+            break
+    return name or platform.processor() or platform.machine(), flags
+
+
+def cpu_flags() -> frozenset[str]:
+    """CPU feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    return cpu_info()[1]
 
 
 def cpu_has_fast_bf16() -> bool:

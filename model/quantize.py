@@ -60,7 +60,7 @@ from typing import Any, Final
 import torch
 from torch import nn
 
-from model.device import cpu_flags
+from model.device import cpu_flags, cpu_info
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +98,8 @@ def cpu_has_fast_int8() -> bool:
 
 
 def cpu_kind() -> dict[str, Any]:
-    name = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = cpu_flags()
+    """The CPU as far as a compiled program depends on it: its model and kernel flags."""
+    name, flags = cpu_info()
     return {"model": name, "flags": [f for f in KERNEL_FLAGS if f in flags]}
 
 
