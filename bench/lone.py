@@ -7,7 +7,7 @@ the median and p90 latency, and the ratio of each median to back to back's. Each
 `--env KEY=VALUE` set (repeatable; `--config NAME:KEY=VALUE,KEY=VALUE` for several
 servers in one run) is a server of its own, so settings can be compared in one run.
 
-    python bench/lone.py [--requests 30] [--config 'spin:ALEXNET_MODEL_SPIN_MS=0'] ...
+    python bench/lone.py [--requests 30] [--config 'passive:OMP_WAIT_POLICY=PASSIVE'] ...
 """
 
 from __future__ import annotations

@@ -63,7 +63,9 @@ def test_the_cache_key_names_weights_torch_torchao_cpu_and_size(
     h = quantize.key_hash(key)
     assert quantize.key_hash(quantize.cache_key("b" * 64, 64)) != h
     assert quantize.key_hash(quantize.cache_key("a" * 64, 224)) != h
-    monkeypatch.setattr(quantize, "cpu_flags", lambda: frozenset({"avx512_vnni", "amx_int8"}))
+    flags = frozenset({"avx512_vnni", "amx_int8"})
+    name = quantize.cpu_info()[0]  # the same CPU model, other kernel flags
+    monkeypatch.setattr(quantize, "cpu_info", lambda: (name, flags))
     assert quantize.key_hash(quantize.cache_key("a" * 64, 64)) != h
     monkeypatch.undo()
     monkeypatch.setattr(torch, "__version__", "0.0.0+test")
