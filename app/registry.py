@@ -134,13 +134,33 @@ def _candidates(placement: Placement, card: ModelCard, cache_dir: Path | None,
         return [("int8", True)] + ([("bf16", True)] if cpu_has_fast_bf16() else [])
     out = [(p, True)] if p != "fp32" else []
     # auto: int8 only from a cached program that passed the guard before (built by an
-    # explicit ALEXNET_PRECISION=int8 load): auto never pays quantize + compile at load.
-    if (placement.auto and placement.device.type == "cpu" and quantize.available()
-            and quantize.cpu_has_fast_int8()):  # fmt: skip
+    # explicit ALEXNET_PRECISION=int8 load) and measured faster than fp32 there: auto never
+    # pays quantize + compile at load. (A cache from before the speed was measured: where
+    # the CPU has VNNI or AMX.)
+    if placement.auto and placement.device.type == "cpu" and quantize.available():
         key = quantize.cache_key(card.sha256, card.image_size)
-        if quantize.cached(cache_dir, card.version, key, sizes) is not None:
-            out.insert(0, ("int8", False))
+        folder = quantize.cached(cache_dir, card.version, key, sizes)
+        if folder is not None:
+            speedup = quantize.measured_speedup(folder)
+            if quantize.cpu_has_fast_int8() if speedup is None else speedup > 1.0:
+                out.insert(0, ("int8", False))
     return out
+
+
+def _speedup(fast: Predictor, ref: Predictor, x: torch.Tensor, rounds: int = 3) -> float:
+    """How many times faster `fast` runs the batch `x` than `ref` (best of `rounds` after
+    one warm-up call each; ~1-3 s for AlexNet at 224 and batch 32 on 2 cores)."""
+
+    def best(p: Predictor) -> float:
+        p.top1(x)
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            p.top1(x)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return best(ref) / max(best(fast), 1e-9)
 
 
 def _int8_predictor(ref: Predictor, version_dir: Path, card: ModelCard, device: torch.device,
@@ -232,7 +252,17 @@ def prepare(
             reason = (f"{precision} agrees with fp32 on {100 * agreement:.1f}% of "
                       f"{PROBE_IMAGES} images (< {100 * min_agreement:g}%)")  # fmt: skip
         if built is not None:
-            quantize.record_guard(built, reason is None, agreement)
+            speedup = built.meta.get("speedup_vs_fp32")
+            if reason is None and speedup is None and built.folder is not None:
+                top = sizes[-1]  # measured once, at the first load, at the largest batch
+                x = probe_x.repeat(-(-top // len(probe_x)), 1, 1, 1)[:top]
+                speedup = _speedup(cand, ref, x)
+                if speedup <= 1.0:
+                    log.warning("%s: int8 measured %.2fx fp32's speed on this CPU (batch %d): "
+                                "auto will not choose it", card.version, speedup, top)  # fmt: skip
+            if speedup is not None:
+                check["int8"]["speedup_vs_fp32"] = round(float(speedup), 3)
+            quantize.record_guard(built, reason is None, agreement, speedup)
         if reason is None:
             predictor, served = cand, cand.placement
             break

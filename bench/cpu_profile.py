@@ -28,7 +28,6 @@ import collections
 import contextlib
 import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -376,21 +375,6 @@ end
 """
 
 
-def run_wrk(url: str, script: Path, conc: int, seconds: int) -> tuple[dict[str, float], float]:
-    """wrk's figures (requests, rps, non-2xx) and the CPU seconds wrk itself took."""
-    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run(["wrk", "-t1", f"-c{conc}", f"-d{seconds}s", "--timeout", "30s",
-                          "-s", str(script), url], capture_output=True, text=True, check=True).stdout  # fmt: skip
-    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    n = re.search(r"(\d+) requests in", out)
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    assert n and rps, out
-    figures = {"requests": float(n.group(1)), "rps": float(rps.group(1)),
-               "errors": float(bad.group(1)) if bad else 0.0}  # fmt: skip
-    return figures, (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
-
-
 def parse_env(pairs: list[str]) -> dict[str, str]:
     env = {}
     for p in pairs:
@@ -425,7 +409,7 @@ def start_py_spy(
 def main() -> None:
     from bench.common import machine, table
     from bench.launch import Server
-    from bench.serve import LUA, serving_home
+    from bench.serve import LUA, serving_home, wrk
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=int, default=10)
@@ -466,7 +450,7 @@ def main() -> None:
             info = httpx.get(srv.url + "/v1/models/active", timeout=10).json()
             why = (info.get("precision_check") or {}).get("fallback")
             precision = f"{info.get('precision', '?')}" + (f" ({why})" if why else "")
-            run_wrk(srv.url, script, args.concurrency, 2)  # warm-up
+            wrk(srv.url, script, args.concurrency, 2)  # warm-up
             raw = Path(tmp) / "py-spy.txt"
             started = start_py_spy(spy, srv.proc.pid, raw, args.rate, args.blocking)
             if isinstance(started, str):
@@ -476,7 +460,7 @@ def main() -> None:
             pids = process_tree(srv.proc.pid)
             spy_t0 = 0.0 if isinstance(started, str) else tree_cpu_s(started.pid)
             before = cpu_snapshot(pids)
-            figures, wrk_cpu = run_wrk(srv.url, script, args.concurrency, args.seconds)
+            figures = wrk(srv.url, script, args.concurrency, args.seconds)
             after = cpu_snapshot(pids + [p for p in process_tree(srv.proc.pid) if p not in pids])
             spy_cpu = 0.0
             if not isinstance(started, str):
@@ -502,13 +486,13 @@ def main() -> None:
           f"{body}; server: {settings}, serving {precision}; wrk -t1 -c{args.concurrency}, {args.seconds} s after a "
           f"2 s warm-up; py-spy {args.rate} Hz, {mode}\n")  # fmt: skip
     print(table(["stage", "CPU ms per image", "share"], rows))
-    print(f"\nServed: {images:.0f} images in {args.seconds} s = {figures['rps']:.1f} img/s "
-          f"(wrk; non-2xx {figures['errors']:.0f}); server CPU {att.total_s * per:.1f} ms per "
+    print(f"\nServed: {images:.0f} images in {args.seconds} s = {figures['ok_rps']:.1f} img/s "
+          f"(2xx; wrk: non-2xx {figures['errors']:.0f}); server CPU {att.total_s * per:.1f} ms per "
           f"image ({att.total_s / args.seconds:.2f} cores busy)")  # fmt: skip
     if figures["errors"]:
         print(f"Note: {figures['errors']:.0f} answers were not 2xx (429: the queue-wait bound, "
               "ALEXNET_MAX_QUEUE_WAIT_S); their CPU is in the totals, divided by 2xx images")  # fmt: skip
-    print(f"Beside it on the same cores: wrk {wrk_cpu * per:.1f} ms per image, py-spy "
+    print(f"Beside it on the same cores: wrk {figures['cpu_s'] * per:.1f} ms per image, py-spy "
           f"{spy_cpu * per:.1f} ms per image\n")  # fmt: skip
     print("By thread (CPU from /proc; stage: where most of it went)")
     print(table(["thread", "CPU ms per image", "active samples", "main stage"],

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import machine, table
 from model import quantize
-from model.device import Placement
+from model.device import Placement, cpu_has_fast_bf16
 from model.engine import Classifier, for_inference, predict
 from model.pretrained import IMAGENET_PRE
 
@@ -112,7 +112,7 @@ def main() -> None:
     rows = [
         ["fp32, channels_last", "-", f"{speed(fp32, 1, s):.0f}", f"{speed(fp32, 32, s):.0f}",
          "100.0%"],
-        ["bf16 weights, channels_last (auto here)", "-", f"{speed(bf16, 1, s):.0f}",
+        [f"bf16 weights, channels_last{' (auto here)' if cpu_has_fast_bf16() else ''}", "-", f"{speed(bf16, 1, s):.0f}",
          f"{speed(bf16, 32, s):.0f}", agree(bf16)],
         ["int8 PT2E, eager (reference kernels)", f"{quant_s:.1f}", f"{speed(eager, 1, 1):.1f}",
          f"{speed(eager, 32, 1):.1f}", agree(eager)],

@@ -122,6 +122,7 @@ def test_int8_is_served_when_it_passes_the_guard(built: tuple[Path, LoadedModel]
     assert check["agreement"]["int8"] >= 0.99
     i8 = check["int8"]
     assert i8["cache"] == "miss" and i8["quantize_s"] > 0 and i8["compile_s"] > 0
+    assert i8["speedup_vs_fp32"] > 0  # measured at the first load, kept in the cache
     rows = loaded.run_batch(torch.zeros(3, 3, 64, 64, dtype=torch.uint8), 2)
     assert len(rows) == 3 and len(rows[0]) == 2
 
@@ -136,10 +137,20 @@ def test_a_restart_loads_the_cached_program_without_quantizing(
     i8 = loaded.precision_check["int8"]
     assert loaded.placement.precision == "int8"
     assert i8["cache"] == "hit" and "quantize_s" not in i8 and "compile_s" not in i8
-    # auto serves the cached, guard-passing program (where the CPU has VNNI or AMX)
-    auto = load(version_dir, cache, D.resolve("cpu", "auto"))
-    expected = "int8" if quantize.cpu_has_fast_int8() else D.select_precision("auto", CPU)
-    assert auto.placement.precision == expected
+    assert i8["speedup_vs_fp32"] == built[1].precision_check["int8"]["speedup_vs_fp32"]
+    # auto serves the cached, guard-passing program where it measured faster than fp32
+    folder = quantize.cached(cache, loaded.card.version,
+                             quantize.cache_key(loaded.card.sha256, loaded.card.image_size),
+                             SIZES)  # fmt: skip
+    assert folder is not None
+    meta = quantize.read_meta(folder)
+    try:
+        for speedup, expected in ((2.0, "int8"), (0.8, D.select_precision("auto", CPU))):
+            quantize.write_meta(folder, dict(meta, speedup_vs_fp32=speedup))
+            auto = load(version_dir, cache, D.resolve("cpu", "auto"))
+            assert auto.placement.precision == expected, speedup
+    finally:
+        quantize.write_meta(folder, meta)
 
 
 @pytest.mark.slow
