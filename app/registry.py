@@ -6,7 +6,9 @@ Requests keep the LoadedModel they were preprocessed for, so none mixes versions
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -147,20 +149,75 @@ def _candidates(placement: Placement, card: ModelCard, cache_dir: Path | None,
     return out
 
 
-def _speedup(fast: Predictor, ref: Predictor, x: torch.Tensor, rounds: int = 3) -> float:
-    """How many times faster `fast` runs the batch `x` than `ref` (best of `rounds` after
-    one warm-up call each; ~1-3 s for AlexNet at 224 and batch 32 on 2 cores)."""
-
-    def best(p: Predictor) -> float:
+def _best_time(p: Predictor, x: torch.Tensor, rounds: int = 3) -> float:
+    """Seconds `p` takes for the batch `x`: the best of `rounds` after one warm-up call
+    (which compiles a compiled model)."""
+    p.top1(x)
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
         p.top1(x)
-        times = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            p.top1(x)
-            times.append(time.perf_counter() - t0)
-        return min(times)
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
-    return best(ref) / max(best(fast), 1e-9)
+
+def _speedup(fast: Predictor, ref: Predictor, x: torch.Tensor) -> float:
+    """How many times faster `fast` runs the batch `x` than `ref` (~1-3 s for AlexNet at
+    224 and batch 32 on 2 cores)."""
+    return _best_time(ref, x) / max(_best_time(fast, x), 1e-9)
+
+
+def _timing_batch(probe_x: torch.Tensor | None, ref: Predictor, size: int) -> torch.Tensor:
+    x = probe_x if probe_x is not None else _probe_batch(ref, min(size, PROBE_IMAGES))
+    return x.repeat(-(-size // len(x)), 1, 1, 1)[:size]
+
+
+COMPILE_GAIN_MIN = 1.03  # compiled must be >= 3% faster to be kept: less is noise here
+
+
+def compile_key(
+    card: ModelCard, placement: Placement, size: int, channels_last: bool
+) -> dict[str, Any]:
+    """What the compile-or-not decision depends on: the graph (architecture, classes,
+    input size), where and how it runs, torch and the CPU."""
+    return {"arch": card.arch, "num_classes": card.num_classes, "image_size": card.image_size,
+            "device": str(placement.device), "precision": placement.precision, "batch": size,
+            "channels_last": channels_last, "torch": torch.__version__,
+            "cpu": quantize.cpu_kind()}  # fmt: skip
+
+
+def _compile_decision_file(cache_dir: Path | None, key: dict[str, Any]) -> Path | None:
+    return None if cache_dir is None else cache_dir / "compile" / f"{quantize.key_hash(key)}.json"
+
+
+def read_compile_decision(cache_dir: Path | None, key: dict[str, Any]) -> dict[str, Any] | None:
+    """A decision an earlier `auto` load measured for this key (None: none, unreadable)."""
+    f = _compile_decision_file(cache_dir, key)
+    if f is None:
+        return None
+    try:
+        doc = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(doc, dict) and doc.get("key") == key and isinstance(doc.get("compile"), bool)
+    return doc if ok else None
+
+
+def _write_compile_decision(cache_dir: Path | None, key: dict[str, Any],
+                            doc: dict[str, Any]) -> str:  # fmt: skip
+    f = _compile_decision_file(cache_dir, key)
+    if f is None:
+        return "off"
+    tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
+    try:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"key": key, **doc}, indent=1, sort_keys=True))
+        os.replace(tmp, f)
+    except OSError as exc:
+        log.warning("compile decision not cached in %s: %s", f.parent, exc.strerror or exc)
+        tmp.unlink(missing_ok=True)
+        return "unwritable"
+    return "miss"
 
 
 def _int8_predictor(ref: Predictor, version_dir: Path, card: ModelCard, device: torch.device,
@@ -182,7 +239,7 @@ def prepare(
     placement: Placement,
     *,
     channels_last: bool = True,
-    compile_model: bool = False,
+    compile_model: bool | str = False,
     warmup_batch_sizes: tuple[int, ...] = (1, 8),
     cache_dir: Path | None = None,
     min_agreement: float = AGREEMENT_MIN,
@@ -273,9 +330,15 @@ def prepare(
         log.warning("%s: serving %s", card.version, served.precision)
     placement = served
     compiled = placement.precision == "int8"  # (AOTInductor: compiled already)
+    measured_compiled = False  # ALEXNET_COMPILE=auto compiled it to measure, and kept it
+    if compile_model == "auto" and not compiled:
+        decision = _decide_compile(predictor, ref, card, placement, sizes, channels_last,
+                                   probe_x if candidates else None, cache_dir, check)  # fmt: skip
+        compile_model, measured_compiled = decision is not False, decision is None
     if compile_model and not compiled:
-        eager = predictor.model.net
-        predictor.model.net = torch.compile(eager, dynamic=False)  # type: ignore[assignment]
+        eager = getattr(predictor.model.net, "_orig_mod", predictor.model.net)
+        if not measured_compiled:
+            predictor.model.net = torch.compile(eager, dynamic=False)  # type: ignore[assignment]
         compiled = True
         # the compiled graph is what serves: it must reproduce the probes too
         after = parity(predictor, version_dir, card)
@@ -295,6 +358,49 @@ def prepare(
     )
     release_freed_memory()
     return loaded
+
+
+def _decide_compile(predictor: Predictor, ref: Predictor, card: ModelCard, placement: Placement,
+                    sizes: tuple[int, ...], channels_last: bool, probe_x: torch.Tensor | None,
+                    cache_dir: Path | None, check: dict[str, Any]) -> bool | None:  # fmt: skip
+    """ALEXNET_COMPILE=auto: whether to compile, from the decision cached for this graph,
+    machine and torch, or else from a measurement now (eager against compiled at the
+    largest batch size; compiled kept only when >= `COMPILE_GAIN_MIN` faster). Returns
+    True/False for the caller to act on, or None where the measurement compiled the model
+    and kept it compiled. `check["compile"]` says which and why."""
+    top = sizes[-1]
+    key = compile_key(card, placement, top, channels_last)
+    known = read_compile_decision(cache_dir, key)
+    if known is not None:
+        check["compile"] = {"mode": "auto", "cache": "hit", "compile": known["compile"],
+                            "speedup": known.get("speedup"), "batch": top}  # fmt: skip
+        return bool(known["compile"])
+    x = _timing_batch(probe_x, ref, top)
+    eager_net = predictor.model.net
+    t_eager = _best_time(predictor, x)
+    t0 = time.perf_counter()
+    predictor.model.net = torch.compile(eager_net, dynamic=False)  # type: ignore[assignment]
+    try:
+        t_comp = _best_time(predictor, x)
+    except Exception as exc:  # no compiler, an unsupported op: eager, and say so
+        predictor.model.net = eager_net
+        check["compile"] = {"mode": "auto", "cache": "off", "compile": False,
+                            "error": f"{type(exc).__name__}: {exc}"[:300]}  # fmt: skip
+        log.warning("%s: torch.compile failed (%s): serving it uncompiled", card.version, exc)
+        return False
+    speedup = t_eager / max(t_comp, 1e-9)
+    keep = speedup >= COMPILE_GAIN_MIN
+    status = _write_compile_decision(cache_dir, key, {"compile": keep, "speedup": round(speedup, 3),
+                                                      "measured_at": time.time()})  # fmt: skip
+    check["compile"] = {"mode": "auto", "cache": status, "compile": keep,
+                        "speedup": round(speedup, 3), "batch": top,
+                        "measure_s": round(time.perf_counter() - t0, 2)}  # fmt: skip
+    log.info("%s: torch.compile measured %.2fx eager at batch %d: %s", card.version, speedup,
+             top, "compiled" if keep else "eager")  # fmt: skip
+    if not keep:
+        predictor.model.net = eager_net
+        return False
+    return None
 
 
 def release_freed_memory() -> None:

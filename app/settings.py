@@ -39,12 +39,16 @@ class Settings(BaseSettings):
     home: Path = Path("var")
 
     # Inference placement; `auto` picks CUDA > MPS > CPU and bf16 where it is fast (and
-    # int8 where a guard-passing int8 program of the version is already cached).
+    # int8 where a guard-passing int8 program of the version that measured faster than
+    # fp32 is already cached).
     # int8: CPU only, needs the `int8` extra (torchao); its compiled programs are cached
     # under $ALEXNET_HOME/cache/int8/ (model/quantize.py).
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
-    compile: bool = False  # torch.compile: measured at no gain for AlexNet on CPU
+    # torch.compile: off by default (it measured +1-4% for AlexNet on an AVX-512 CPU, and
+    # costs ~10 s of start per batch size); `auto` measures compiled against eager at the
+    # first load on this machine and keeps the faster (the decision is cached).
+    compile: bool | Literal["auto"] = False
     # A reduced precision (bf16, fp16, int8) is served only when its top-1 answers agree
     # with fp32's on at least this share of the load-time check's images (app/registry.py).
     min_agreement: float = Field(0.99, ge=0.5, le=1)
