@@ -238,7 +238,7 @@ def _delete_version(s: Any, args: argparse.Namespace) -> int:
     jobs = JobStore(s.db_path)
     try:
         freed = delete_version(args.version, models_dir=s.models_dir, jobs=jobs,
-                               serving=serving_versions(s.home))  # fmt: skip
+                               serving=serving_versions(s.home), cache_dir=s.cache_dir)  # fmt: skip
     except InUse as exc:
         raise CliError(str(exc)) from exc
     finally:

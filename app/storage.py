@@ -22,6 +22,7 @@ from typing import Final
 
 from app.feedback import remove_snapshots
 from app.jobs.store import RESUMABLE, Job, JobStore
+from model import quantize
 from model.checkpoint import (
     CheckpointError,
     iter_version_dirs,
@@ -88,10 +89,16 @@ def version_users(
 
 
 def delete_version(
-    version: str, *, models_dir: Path, jobs: JobStore, serving: Iterable[str]
+    version: str,
+    *,
+    models_dir: Path,
+    jobs: JobStore,
+    serving: Iterable[str],
+    cache_dir: Path | None = None,
 ) -> int:
-    """Delete a stored version that nothing needs; returns the bytes freed. Raises
-    CheckpointError for an unknown version and InUse for one still needed.
+    """Delete a stored version that nothing needs, and its compiled int8 programs under
+    `cache_dir`; returns the bytes freed. Raises CheckpointError for an unknown version and
+    InUse for one still needed.
 
     The folder is first renamed to a hidden temp name, so a crash midway leaves no
     half-deleted version that looks loadable (the leftover is removed as a partial save)."""
@@ -104,6 +111,7 @@ def delete_version(
     os.rename(path, doomed)
     fsync_dir(models_dir)
     shutil.rmtree(doomed, ignore_errors=True)
+    size += quantize.remove_cached(cache_dir, version)
     log.info("deleted model version %s (%d bytes)", version, size)
     return size
 
@@ -236,7 +244,7 @@ def free(items: Iterable[Freeable], *, home: Path, jobs: JobStore, serving: Iter
         try:
             if item.kind == "version":
                 freed += delete_version(item.name, models_dir=home / "models", jobs=jobs,
-                                        serving=serving)  # fmt: skip
+                                        serving=serving, cache_dir=home / "cache")  # fmt: skip
             elif item.kind in ("job_state", "run_state"):
                 if run_in_use(path):
                     raise InUse(f"a process is training in {path}")

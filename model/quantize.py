@@ -24,7 +24,7 @@ Compilation: AOTInductor (`aoti_compile_and_package` with `freezing`, which lets
 int8 convolutions and linears become oneDNN's fused, prepacked kernels). Measured on a
 2-core EPYC (AVX-512-VNNI, docs/benchmarks.md): a batch dimension left dynamic costs
 ~5x (98 img/s at batch 32 where the static program does ~470), so each batch size the
-server warms up at (1, 8, max_batch_size by default) gets its own static program, and a
+server warms up at (every power of two up to max_batch_size) gets its own static program, and a
 batch between two of them is padded up to the next one (above the largest: split). A
 program is a `.pt2` file: what `torch.compile` cannot be, a single artefact that loads in
 ~0.2 s without quantizing or compiling again.
@@ -159,13 +159,28 @@ def compile_program(qnet: nn.Module, batch: int, image_size: int, path: Path) ->
             torch._inductor.aoti_compile_and_package(
                 exported, package_path=str(tmp), inductor_configs={"freezing": True}
             )
+        with tmp.open("rb+") as f:  # on disk before it has its name: a crash leaves no torn file
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def load_program(path: Path, batch: int, image_size: int) -> Callable[[torch.Tensor], Any]:
-    """A compiled program, run once to make sure it works (raises when it does not)."""
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_program(path: Path, batch: int, image_size: int,
+                 sha256: str | None = None) -> Callable[[torch.Tensor], Any]:  # fmt: skip
+    """A compiled program, run once to make sure it works (raises when it does not). With
+    `sha256` (recorded when it was compiled), a file that changed since is refused before
+    it is loaded: it holds a shared library, and a damaged one can crash the process."""
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise Int8Error(f"{path.name}: its sha256 differs from the one recorded when compiled")
     runner = torch._inductor.aoti_load_package(str(path))
     with torch.inference_mode():
         out = runner(torch.zeros(batch, 3, image_size, image_size))
@@ -261,11 +276,13 @@ def cached(cache_dir: Path | None, version: str, key: dict[str, Any],
     return folder
 
 
-def measured_speedup(folder: Path) -> float | None:
-    """The int8 program's speed over fp32's that its first load measured (None: none
-    recorded, e.g. a cache written before it was measured)."""
-    v = read_meta(folder).get("speedup_vs_fp32")
-    return float(v) if isinstance(v, int | float) else None
+SPEED_KEYS: Final = ("speedup_vs_fp32", "speedup_vs_bf16")
+
+
+def measured_speedup_of(meta: dict[str, Any]) -> dict[str, float]:
+    """The int8 program's speed over fp32's (and bf16's) that its first load measured, from
+    its cache's meta.json ({}: none recorded, e.g. a cache written before it was)."""
+    return {k: float(v) for k in SPEED_KEYS if isinstance(v := meta.get(k), int | float)}
 
 
 def build(
@@ -294,6 +311,8 @@ def build(
             log.warning("int8: the cache is not writable (%s): a program built now is not kept",
                         why)  # fmt: skip
             notes.append(f"cache not writable: {why}")
+    recorded = read_meta(folder) if folder is not None else {}
+    hashes: dict[str, str] = recorded.get("files", {}) if recorded.get("key") == key else {}
     tmpdir: str | None = None
     try:
         runners: dict[int, Callable[[torch.Tensor], Any]] = {}
@@ -306,7 +325,7 @@ def build(
                 missing.append(b)
                 continue
             try:
-                runners[b] = load_program(path, b, image_size)
+                runners[b] = load_program(path, b, image_size, hashes.get(path.name))
             except Exception as exc:  # any failure to load is a cache problem, not fatal
                 log.warning("int8 cache: %s does not load (%s: %s): discarded, rebuilt",
                             path, type(exc).__name__, exc)  # fmt: skip
@@ -330,6 +349,7 @@ def build(
             for b in missing:
                 path = out / f"b{b}.pt2"
                 compile_program(qnet, b, image_size, path)
+                hashes[path.name] = file_sha256(path)
                 runners[b] = load_program(path, b, image_size)
             seconds["compile"] = time.perf_counter() - t0
             del qnet
@@ -348,9 +368,13 @@ def build(
             meta = {"key": key, "version": version, "created_at": time.time()}
         kept = folder if folder is not None and (writable or not missing) else None
         if missing and kept is not None:
+            meta["files"] = {k: v for k, v in hashes.items() if (kept / k).is_file()}
             meta.pop("guard_passed", None)  # a new program: the guard has not passed it yet
-            meta.pop("speedup_vs_fp32", None)  # nor has its speed been measured
+            for k in SPEED_KEYS:  # nor has its speed been measured
+                meta.pop(k, None)
             write_meta(kept, meta)
+        if missing and writable and cache_dir is not None and folder is not None:
+            remove_cached(cache_dir, version, superseded_by=(folder, key))  # an older torch's
         return Built(Int8Program(runners), status, kept if writable else None, seconds,
                      notes, meta)  # fmt: skip
     finally:
@@ -358,15 +382,38 @@ def build(
             shutil.rmtree(tmpdir, ignore_errors=True)  # loaded: the files are not needed
 
 
+def remove_cached(cache_dir: Path | None, version: str,
+                  superseded_by: tuple[Path, dict[str, Any]] | None = None) -> int:  # fmt: skip
+    """Delete a version's cached programs: all of them, or with `superseded_by` (the folder
+    just written and its key) those it replaces: compiled on the same CPU kind by another
+    torch, torchao or cache format, which will never load again here. (Folders for other
+    CPU kinds stay: servers on other machines may share this home.) Bytes freed."""
+    if cache_dir is None or not (cache_dir / "int8").is_dir():
+        return 0
+    freed = 0
+    for d in (cache_dir / "int8").glob(f"{version}-*"):
+        if not d.is_dir():
+            continue
+        if superseded_by is not None:
+            keep, key = superseded_by
+            other = read_meta(d).get("key")
+            if d == keep or (isinstance(other, dict) and other.get("cpu") != key["cpu"]):
+                continue
+        freed += sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+        shutil.rmtree(d, ignore_errors=True)
+    if freed:
+        log.info("int8 cache: removed %d bytes of %s's programs", freed, version)
+    return freed
+
+
 def record_guard(built: Built, passed: bool, agreement: float,
-                 speedup: float | None = None) -> None:  # fmt: skip
+                 speed: dict[str, float] | None = None) -> None:  # fmt: skip
     """Remember in the cache whether the program passed the load-time guard (`auto`
     serves int8 only from a cache that says it did; the guard runs again anyway) and how
-    much faster than fp32 it measured (`auto` takes it only where it is faster)."""
+    much faster than fp32 (and bf16) it measured (`auto` takes it only where faster)."""
     if built.folder is None:
         return
     meta = dict(built.meta, guard_passed=passed, agreement_with_fp32=round(agreement, 4))
-    if speedup is not None:
-        meta["speedup_vs_fp32"] = round(speedup, 3)
+    meta.update(speed or {})
     write_meta(built.folder, meta)
     built.meta = meta

@@ -279,7 +279,8 @@ async def delete_model(
         try:
             freed = await asyncio.to_thread(delete_version, version,
                                             models_dir=state.registry.models_dir,
-                                            jobs=state.jobs, serving=serving)  # fmt: skip
+                                            jobs=state.jobs, serving=serving,
+                                            cache_dir=state.settings.cache_dir)  # fmt: skip
         except CheckpointError as exc:
             raise NotFound(f"no model version {version!r}") from exc
         except InUse as exc:

@@ -193,7 +193,10 @@ def test_a_corrupt_cached_program_is_discarded_and_rebuilt(
     loaded = load(version_dir, cache)
     i8 = loaded.precision_check["int8"]
     assert loaded.placement.precision == "int8"
-    assert i8["cache"] == "rebuilt" and "b1.pt2 did not load" in i8["cache_notes"][0]
+    # refused by the sha256 recorded at compile time, before it was loaded as a library
+    assert i8["cache"] == "rebuilt" and "b1.pt2 did not load (Int8Error)" in i8["cache_notes"][0]
+    meta = json.loads((program.parent / "meta.json").read_text())
+    assert meta["files"]["b1.pt2"] == quantize.file_sha256(program)
     assert program.stat().st_size > 1_000_000
 
 
@@ -212,3 +215,56 @@ def test_int8_that_fails_the_guard_is_not_served(models: Path, cache: Path) -> N
     # auto never serves a program that failed the guard, and does not build one
     auto = load(models / card.version, cache, D.resolve("cpu", "auto"))
     assert auto.placement.precision != "int8" and "int8" not in auto.precision_check
+
+
+def test_an_int8_program_that_fails_to_run_falls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app import registry
+    from model.predictor import Predictor
+
+    card = make_version(tmp_path / "models", probes=True)
+
+    class Broken(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))  # (float32, as int8 programs report)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("illegal instruction in the program")
+
+    def broken(ref: Predictor, *_: Any, **__: Any) -> tuple[Predictor, None]:
+        return Predictor(Broken(), ref.card, Placement(CPU, "int8"), channels_last=False), None
+
+    monkeypatch.setattr(registry, "_int8_predictor", broken)
+    loaded = load(tmp_path / "models" / card.version, tmp_path / "cache")
+    assert loaded.placement.precision != "int8"
+    assert (
+        "int8 failed to run: RuntimeError: illegal instruction"
+        in loaded.precision_check["fallback"]
+    )
+
+
+def test_superseded_and_deleted_versions_leave_no_programs(tmp_path: Path) -> None:
+    key = quantize.cache_key("a" * 64, 64)
+
+    def folder(name: str, **changes: Any) -> Path:
+        d = tmp_path / "int8" / name
+        d.mkdir(parents=True)
+        (d / "b1.pt2").write_bytes(b"x" * 100)
+        quantize.write_meta(d, {"key": {**key, **changes}})
+        return d
+
+    new = folder("v1-new")
+    old_torch = folder("v1-oldtorch", torch="0.0.0")
+    other_cpu = folder("v1-othercpu", cpu={"model": "another", "flags": []})
+    garbage = tmp_path / "int8" / "v1-garbage"
+    garbage.mkdir()
+    other_version = folder("v2-new")
+    freed = quantize.remove_cached(tmp_path, "v1", superseded_by=(new, key))
+    assert freed > 100 and not old_torch.exists() and not garbage.exists()  # (+ meta.json)
+    assert new.exists() and other_cpu.exists() and other_version.exists()
+    # deleting the version: all of its programs, whatever they were built for
+    assert quantize.remove_cached(tmp_path, "v1") > 0
+    assert not new.exists() and not other_cpu.exists() and other_version.exists()
+    assert quantize.remove_cached(None, "v2") == 0 and other_version.exists()
