@@ -89,6 +89,30 @@ class TrainConfig(BaseModel):
         "frozen) is lr times this (e.g. 0.1); a re-initialised last layer learns at lr",
     )  # fmt: skip
 
+    # Recipe options from torchvision's and timm's references (all off by default).
+    warmup_epochs: int = Field(
+        0, ge=0, le=1000,
+        description="linear learning-rate warmup over this many epochs, per step from lr/100 "
+        "to lr (torchvision's lr_warmup_epochs); plateau and step count from its end, cosine "
+        "decays over the epochs after it. 0: none",
+    )  # fmt: skip
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1,
+        description="cross-entropy label smoothing of the training loss (torchvision's "
+        "reference uses 0.1); validation loss stays plain cross-entropy. 0: none",
+    )  # fmt: skip
+    clip_grad_norm: float | None = Field(
+        None, gt=0, le=1e6,
+        description="clip the gradients' global L2 norm to this before each step (the logged "
+        "grad_norm is the norm before clipping). null: no clipping",
+    )  # fmt: skip
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1,
+        description="keep an exponential moving average of the weights, updated after every "
+        "step with this decay (e.g. 0.999); the averaged weights are what is validated, kept "
+        "as best and saved as the version. null: none",
+    )  # fmt: skip
+
     feedback: str | None = Field(
         None,
         pattern=r"^feedback:[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
@@ -113,6 +137,15 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 "freeze and base_lr_scale apply to a fine-tune: give base (a version, or "
                 "active) as well"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _warmup_shorter_than_the_run(self) -> TrainConfig:
+        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"warmup_epochs {self.warmup_epochs} must be fewer than epochs ({self.epochs}): "
+                "the run would end before the learning rate reaches lr"
             )
         return self
 

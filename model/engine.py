@@ -209,19 +209,22 @@ def evaluate(
 
 def sgd_step(train_model: nn.Module, model: Classifier, optimizer: torch.optim.Optimizer,
           scaler: torch.amp.GradScaler | None, x: torch.Tensor, y: torch.Tensor,
-          amp_dtype: torch.dtype | None) -> tuple[float, float]:  # fmt: skip
-    """One optimizer step; (loss, gradient norm)."""
+          amp_dtype: torch.dtype | None, *, label_smoothing: float = 0.0,
+          clip_grad_norm: float | None = None) -> tuple[float, float]:  # fmt: skip
+    """One optimizer step; (loss, gradient norm before clipping). `clip_grad_norm`: the
+    gradients' global L2 norm is scaled down to it where larger (after unscaling fp16's)."""
+    max_norm = float("inf") if clip_grad_norm is None else clip_grad_norm
     with autocast(x.device, amp_dtype):
-        loss = F.cross_entropy(train_model(x), y)
+        loss = F.cross_entropy(train_model(x), y, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
         scaler.unscale_(optimizer)
-        gnorm = nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        gnorm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()  # type: ignore[no-untyped-call]
-        gnorm = nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        gnorm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optimizer.step()
     return float(loss.detach()), float(gnorm)

@@ -36,6 +36,7 @@ from model.data import (
 from model.datasets import DEFAULT_HOLDOUT_SPLIT
 from model.device import DTYPES, Placement, resolve
 from model.distributed import DistContext
+from model.ema import WeightEMA
 from model.engine import Classifier, evaluate, sgd_step
 from model.epochs import Best, EpochAcc, TrainResult, eta_s, save_best, to_cpu
 from model.files import RunFolderBusy, atomic_write_bytes, run_lock
@@ -183,11 +184,17 @@ class Trainer:
             train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         policy = LRPolicy(optimizer, cfg.scheduler)
         early = EarlyStopping(cfg.patience, cfg.min_delta)
+        # The weights' moving average (before DDP wraps the model: the same parameters).
+        ema = WeightEMA(model.net, cfg.ema_decay) if cfg.ema_decay is not None else None
+        # What is validated, kept as the best epoch and saved: the average where there is one.
+        eval_model = (Classifier(ema.net, bundle.pre, channels_last=True).to(placement.device)
+                      if ema else model)  # fmt: skip
         start_epoch, start_step, acc = 0, 0, EpochAcc()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
-            start_epoch, start_step, acc = self._load_state(model, optimizer, policy, early, bundle)
+            start_epoch, start_step, acc = self._load_state(model, optimizer, policy, early,
+                                                            bundle, ema)  # fmt: skip
 
         amp_dtype = None if placement.precision == "fp32" else DTYPES[placement.precision]
         scaler = torch.amp.GradScaler("cuda") if placement.precision == "fp16" else None
@@ -199,7 +206,7 @@ class Trainer:
         train_sampler, steps_per_epoch = loaders.train_sampler, loaders.steps_per_epoch
         augment = TrainAugment(bundle.pre) if cfg.use_augmentation else None
         eval_tf = EvalTransform(bundle.pre)
-        policy.total_steps = max(1, steps_per_epoch * cfg.epochs)
+        policy.configure(steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.warmup_epochs)
         self.emit(Start(config=cfg.model_dump(mode="json"), labels=bundle.labels,
                         split=bundle.split, skipped=bundle.skipped, device=placement.describe(),
                         epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
@@ -212,7 +219,7 @@ class Trainer:
 
         def save(epoch: int, step: int, acc: EpochAcc, finished: str | None = None) -> None:
             self._save_state(model, optimizer, policy, early, epoch=epoch, step=step, acc=acc,
-                             bundle=bundle, finished=finished)  # fmt: skip
+                             bundle=bundle, finished=finished, ema=ema)  # fmt: skip
 
         val_seconds = 0.0
         epoch = start_epoch
@@ -237,7 +244,11 @@ class Trainer:
                     x = augment(x, torch.Generator().manual_seed(seed))
                 else:
                     x = eval_tf(x)
-                loss, gnorm = sgd_step(train_model, model, optimizer, scaler, x, y, amp_dtype)
+                loss, gnorm = sgd_step(train_model, model, optimizer, scaler, x, y, amp_dtype,
+                                       label_smoothing=cfg.label_smoothing,
+                                       clip_grad_norm=cfg.clip_grad_norm)  # fmt: skip
+                if ema is not None:
+                    ema.update()
                 policy.batch_step()
                 if not math.isfinite(loss):
                     raise TrainingError(
@@ -268,7 +279,7 @@ class Trainer:
 
             # 2. validate
             t_val = time.perf_counter()
-            val = d.sum_eval(evaluate(model, ((eval_tf(x.to(placement.device, non_blocking=True)), y)
+            val = d.sum_eval(evaluate(eval_model, ((eval_tf(x.to(placement.device, non_blocking=True)), y)
                                          for x, y in batches(loaders.val)), autocast_dtype=amp_dtype),
                              placement.device)  # fmt: skip
             val_seconds = time.perf_counter() - t_val
@@ -286,7 +297,7 @@ class Trainer:
 
             # 3. keep the best weights, save the state and the plot
             if improved:
-                self.best.improved(record, model.net)
+                self.best.improved(record, eval_model.net)
             else:
                 self.best.persist(self.run_dir, d.is_main)
             save(epoch + 1, 0, EpochAcc())
@@ -344,13 +355,16 @@ class Trainer:
 
     def _save_state(self, model: Classifier, optimizer: torch.optim.Optimizer,
                     policy: LRPolicy, early: EarlyStopping, *, epoch: int, step: int,
-                    acc: EpochAcc, bundle: DatasetBundle, finished: str | None = None) -> None:  # fmt: skip
+                    acc: EpochAcc, bundle: DatasetBundle, finished: str | None = None,
+                    ema: WeightEMA | None = None) -> None:  # fmt: skip
         """Everything needed to continue exactly (model/run_state.py). Every rank's RNG
         state is gathered; rank 0 writes."""
         rngs = self.dist.gather_rng_states()
         if not self.dist.is_main:
             return
         tensors = training_tensors(model.net, optimizer, rngs)
+        if ema is not None:
+            tensors.update(ema.tensors())
         opt = optimizer.state_dict()
         meta = {
             "config": self.cfg.model_dump(mode="json"), "epoch": epoch, "step": step,
@@ -366,13 +380,16 @@ class Trainer:
 
     def _load_state(self, model: Classifier, optimizer: torch.optim.Optimizer,
                     policy: LRPolicy, early: EarlyStopping,
-                    bundle: DatasetBundle) -> tuple[int, int, EpochAcc]:  # fmt: skip
+                    bundle: DatasetBundle,
+                    ema: WeightEMA | None = None) -> tuple[int, int, EpochAcc]:  # fmt: skip
         state, tensors = RunState.load(self.run_dir)
         meta, path = state.meta, self.run_dir
         if meta["dataset"]["split"] != bundle.split or meta["dataset"]["labels"] != bundle.labels:
             raise TrainingError(f"{path}: the dataset changed since this run started")
         restore_training(tensors, model.net, optimizer, meta["param_groups"],
                          rank=self.dist.rank, source=str(path))  # fmt: skip
+        if ema is not None and not ema.restore(tensors):  # (a state without one: from here)
+            ema.net.load_state_dict(model.net.state_dict())
         policy.load_state_dict(meta["scheduler"])
         early.load_state_dict(meta["early_stopping"])
         self.history, self.step_losses = meta["history"], meta["step_losses"]
@@ -382,7 +399,8 @@ class Trainer:
             )
         in_state = bool(meta.get("best_in_state"))
         if meta["best"] is not None:
-            weights_now = to_cpu(model.net.state_dict()) if in_state else None
+            net_now = ema.net if ema is not None else model.net  # what `best` was taken from
+            weights_now = to_cpu(net_now.state_dict()) if in_state else None
             self.best = Best(meta["best"], weights_now or read_best_weights(self.run_dir),
                               in_state)  # fmt: skip
         return state.epoch, state.step, EpochAcc(**meta["acc"])

@@ -78,3 +78,69 @@ def test_cosine_decays_per_step_to_zero_ignores_validation_and_resumes_exactly()
 
 def test_learning_rate_never_goes_below_min_lr() -> None:
     assert _lrs("step", [1.0] * 40, [0.5] * 40)[-1] == MIN_LR
+
+
+@pytest.mark.parametrize("kind", ["plateau", "step", "cosine"])
+def test_warmup_rises_linearly_per_step_then_hands_over(kind: str) -> None:
+    w = torch.nn.Parameter(torch.zeros(1))
+    b = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [w], "lr": 0.01}, {"params": [b], "lr": 0.001}], lr=0.01)
+    pol = LRPolicy(opt, kind)
+    pol.configure(total_steps=12, warmup_steps=4)
+    lrs = [pol.lr]
+    for _ in range(4):
+        opt.step()
+        pol.batch_step()
+        lrs.append(pol.lr)
+    # lr/100, then a linear rise per step to lr (each group to its own rate)
+    assert lrs == pytest.approx([0.0001, 0.002575, 0.00505, 0.007525, 0.01])
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.001)
+    if kind == "cosine":  # then the decay over the 8 steps after the warmup
+        for _ in range(4):
+            opt.step()
+            pol.batch_step()
+        assert pol.lr == pytest.approx(0.005)
+    else:  # validations during warmup do not count towards the scheduler's patience
+        fresh = LRPolicy(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01), kind)
+        fresh.configure(total_steps=12, warmup_steps=4)
+        for _ in range(3):
+            fresh.optimizer.step()
+            fresh.batch_step()
+            fresh.step(val_loss=1.0, val_top1=0.5)  # stalled, but warming up
+        fresh.optimizer.step()
+        fresh.batch_step()
+        assert fresh.lr == pytest.approx(0.01)
+        assert fresh.sched.num_bad_epochs == 0  # type: ignore[union-attr]
+
+
+def test_a_resumed_warmup_continues_where_it_stopped() -> None:
+    def make() -> LRPolicy:
+        pol = LRPolicy(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01), "plateau")
+        pol.configure(total_steps=10, warmup_steps=4)
+        return pol
+
+    a = make()
+    for _ in range(2):
+        a.optimizer.step()
+        a.batch_step()
+    b = LRPolicy(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01), "plateau")
+    b.load_state_dict(a.state_dict())
+    b.optimizer.param_groups[0]["lr"] = a.lr  # (the optimizer's groups travel with its state)
+    b.configure(total_steps=10, warmup_steps=4)  # a resumed run keeps its rate
+    assert b.lr == pytest.approx(a.lr) and b.steps == 2
+    for p in (a, b):
+        p.optimizer.step()
+        p.batch_step()
+    assert b.lr == pytest.approx(a.lr) == pytest.approx(0.007525)
+
+
+def test_a_state_saved_before_warmup_existed_still_loads() -> None:
+    a = LRPolicy(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01), "cosine")
+    a.configure(total_steps=8)
+    for _ in range(3):
+        a.optimizer.step()
+        a.batch_step()
+    old = a.sched.state_dict()  # the format runs saved until now
+    b = LRPolicy(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01), "cosine")
+    b.load_state_dict(old)
+    assert b.steps == 3

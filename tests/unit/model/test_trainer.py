@@ -12,7 +12,7 @@ from safetensors import safe_open
 from model import trainer as T
 from model.config import TrainConfig
 from model.data import TrainAugment
-from model.run import PLOT_FILE, Event, TrainingError, TrainingInterrupted
+from model.run import PLOT_FILE, STATE_FILE, Event, TrainingError, TrainingInterrupted
 from model.trainer import Trainer
 
 TINY = {"dataset": "synthetic:120", "image_size": 64, "batch_size": 16, "epochs": 2,
@@ -85,11 +85,18 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
 
 
-@pytest.mark.parametrize("augment", [False, True])
+# The second case also turns the recipe options on: a warmup (the stop lands in it),
+# label smoothing, gradient clipping and the weights' moving average, whose state must
+# travel with the run as exactly as the weights do.
+RECIPE = {"warmup_epochs": 1, "label_smoothing": 0.1, "clip_grad_norm": 1.0, "ema_decay": 0.9}
+
+
+@pytest.mark.parametrize("augment", [False, True], ids=["plain", "augment+recipe"])
 def test_resume_after_an_interrupted_epoch_ends_where_an_uninterrupted_run_ends(
     tmp_path: Path, augment: bool
 ) -> None:
-    full = _trainer(tmp_path / "a", augment=augment).fit()
+    recipe = RECIPE if augment else {}
+    full = _trainer(tmp_path / "a", augment=augment, **recipe).fit()
 
     holder: dict[str, Trainer] = {}
 
@@ -97,7 +104,7 @@ def test_resume_after_an_interrupted_epoch_ends_where_an_uninterrupted_run_ends(
         if ev.type == "step" and ev.epoch == 1 and ev.step >= 3:
             holder["t"].request_stop()
 
-    t = _trainer(tmp_path / "b", stop_mid_epoch, augment=augment)
+    t = _trainer(tmp_path / "b", stop_mid_epoch, augment=augment, **recipe)
     holder["t"] = t
     t_events = T.EVENT_INTERVAL_S
     T.EVENT_INTERVAL_S = 0.0  # an event every step, so the stop lands mid-epoch
@@ -109,7 +116,7 @@ def test_resume_after_an_interrupted_epoch_ends_where_an_uninterrupted_run_ends(
     assert (info.value.epoch, info.value.step) == (0, 3)
     assert not [p for p in (tmp_path / "b" / "run").iterdir() if p.name.startswith(".tmp-")]
 
-    resumed = _trainer(tmp_path / "b", augment=augment).fit(resume=True)
+    resumed = _trainer(tmp_path / "b", augment=augment, **recipe).fit(resume=True)
     assert len(resumed.history) == len(full.history) == 2
     for h1, h2 in zip(full.history, resumed.history, strict=True):
         assert h1["val_loss"] == pytest.approx(h2["val_loss"], rel=1e-4)
@@ -118,6 +125,37 @@ def test_resume_after_an_interrupted_epoch_ends_where_an_uninterrupted_run_ends(
     w2 = _weights(tmp_path / "b" / "models" / resumed.card.version / "weights.safetensors")
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-3, atol=1e-5)
+
+
+def test_with_ema_the_average_is_what_is_validated_and_saved(tmp_path: Path) -> None:
+    result = _trainer(tmp_path, epochs=1, ema_decay=0.5).fit()
+    saved = _weights(tmp_path / "models" / result.card.version / "weights.safetensors")
+    with safe_open(str(tmp_path / "run" / STATE_FILE), framework="pt") as f:
+        ema = {k[4:]: f.get_tensor(k) for k in f.keys() if k.startswith("ema.")}  # noqa: SIM118
+        raw = {k[6:]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}  # noqa: SIM118
+    assert ema.keys() == raw.keys() == saved.keys()
+    for k in saved:
+        torch.testing.assert_close(saved[k], ema[k].contiguous(), rtol=0, atol=0)
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)  # an average, not the weights
+
+
+def test_label_smoothing_and_clipping_in_one_step() -> None:
+    from model.engine import Classifier, sgd_step
+    from model.transforms import Preprocessing
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    model = Classifier(net, Preprocessing.for_size(2))
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)  # the weights stay: the grads are read
+    x, y = torch.randn(4, 3, 2, 2) * 50, torch.tensor([0, 1, 2, 0])
+    loss, gnorm = sgd_step(net, model, opt, None, x, y, None, label_smoothing=0.2,
+                           clip_grad_norm=0.5)  # fmt: skip
+    expected = torch.nn.functional.cross_entropy(net(x), y, label_smoothing=0.2).detach()
+    assert loss == pytest.approx(float(expected), rel=1e-5)
+    clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in net.parameters()]))  # type: ignore[union-attr]
+    assert gnorm > 0.5 and float(clipped) == pytest.approx(
+        0.5, rel=1e-4
+    )  # reported before clipping
 
 
 def test_a_finished_run_cannot_be_resumed_again(tmp_path: Path) -> None:
