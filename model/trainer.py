@@ -184,7 +184,7 @@ class Trainer:
             train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         policy = LRPolicy(optimizer, cfg.scheduler)
         early = EarlyStopping(cfg.patience, cfg.min_delta)
-        # The weights' moving average (before DDP wraps the model: the same parameters).
+        # The weights' moving average, of the unwrapped network (DDP shares its parameters).
         ema = WeightEMA(model.net, cfg.ema_decay) if cfg.ema_decay is not None else None
         # What is validated, kept as the best epoch and saved: the average where there is one.
         eval_model = (Classifier(ema.net, bundle.pre, channels_last=True).to(placement.device)
