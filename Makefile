@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast lint fmt typecheck bench bench-train bench-serve bench-profile bench-peers bench-decode bench-overload bench-attack-memory bench-fine-tune bench-feedback bench-calibration bench-export clean
+.PHONY: serve test test-fast lint fmt typecheck bench bench-train bench-serve bench-profile bench-peers bench-decode bench-overload bench-attack-memory bench-fine-tune bench-recipe bench-feedback bench-calibration bench-export clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,9 @@ bench-attack-memory: $(VENV)/.installed-dev   ## RSS before, at peak and 60 s af
 
 bench-fine-tune: $(VENV)/.installed-dev   ## scratch vs fine-tuning with each freeze mode, ~6 min on 2 cores
 	$(BIN)/python bench/fine_tune.py
+
+bench-recipe: $(VENV)/.installed-dev   ## the training recipe options (warmup, label smoothing, clipping, EMA) against the plain run
+	$(BIN)/python bench/recipe.py
 
 bench-feedback: $(VENV)/.installed-dev   ## c1 and c32 with feedback off and on, ~5 min (needs wrk)
 	$(BIN)/python bench/feedback.py
