@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from model.checkpoint import (
     write_active,
 )
 from model.device import Placement, cpu_has_fast_bf16
-from model.files import remove_partial_saves
+from model.files import atomic_write_bytes, remove_partial_saves
 from model.images import DecodeLimits, ImageError
 from model.predictor import Predictor, Row
 from model.synthetic import render
@@ -137,9 +136,8 @@ def _candidates(placement: Placement, card: ModelCard, cache_dir: Path | None,
     out = [(p, True)] if p != "fp32" else []
     # auto: int8 only from a cached program that passed the guard before (built by an
     # explicit ALEXNET_PRECISION=int8 load) and measured faster than fp32 there (and than
-    # bf16 where the CPU has fast bf16): auto never
-    # pays quantize + compile at load. (A cache from before the speed was measured: where
-    # the CPU has VNNI or AMX.)
+    # bf16 where the CPU has fast bf16): auto never pays quantize + compile at load. (A
+    # cache from before the speed was measured: where the CPU has VNNI or AMX.)
     if placement.auto and placement.device.type == "cpu" and quantize.available():
         key = quantize.cache_key(card.sha256, card.image_size)
         folder = quantize.cached(cache_dir, card.version, key, sizes)
@@ -226,14 +224,11 @@ def _write_compile_decision(cache_dir: Path | None, key: dict[str, Any],
     f = _compile_decision_file(cache_dir, key)
     if f is None:
         return "off"
-    tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
     try:
         f.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"key": key, **doc}, indent=1, sort_keys=True))
-        os.replace(tmp, f)
+        atomic_write_bytes(f, json.dumps({"key": key, **doc}, indent=1, sort_keys=True).encode())
     except OSError as exc:
         log.warning("compile decision not cached in %s: %s", f.parent, exc.strerror or exc)
-        tmp.unlink(missing_ok=True)
         return "unwritable"
     return "miss"
 

@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from model.device import cpu_flags, cpu_info
+from model.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -252,13 +253,12 @@ def read_meta(folder: Path) -> dict[str, Any]:
 
 def write_meta(folder: Path, meta: dict[str, Any]) -> None:
     """Atomically; a folder that cannot be written is left as it is."""
-    tmp = folder / f".meta.{secrets.token_hex(4)}.tmp"
     try:
-        tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
-        os.replace(tmp, folder / "meta.json")
+        atomic_write_bytes(
+            folder / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode()
+        )
     except OSError as exc:
         log.warning("int8 cache %s: meta.json not written (%s)", folder, exc.strerror or exc)
-        tmp.unlink(missing_ok=True)
 
 
 def cached(cache_dir: Path | None, version: str, key: dict[str, Any],
