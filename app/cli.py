@@ -46,6 +46,12 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activate", action="store_true", help="make the new version active")
     p.add_argument("--run-dir", type=Path, help="where the run's state, plot and log go")
     p.add_argument("--events-file", type=Path, help="append progress events as JSON lines")
+    p.add_argument("--mlflow-uri", metavar="URI",
+                   help="record the run in MLflow there (default: ALEXNET_MLFLOW_TRACKING_URI)")  # fmt: skip
+    p.add_argument("--mlflow-experiment", metavar="NAME",
+                   help="MLflow experiment (default: ALEXNET_MLFLOW_EXPERIMENT, else the dataset)")  # fmt: skip
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="TensorBoard event files in the run folder (default: ALEXNET_TENSORBOARD)")  # fmt: skip
     # Admin jobs: the service decides about activation itself, after loading the version.
     p.add_argument("--keep-active", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--writer-tag", help=argparse.SUPPRESS)  # names its temp files

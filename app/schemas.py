@@ -233,6 +233,12 @@ class JobOut(BaseModel):
         "p_value, alpha, precision, note",
     )
     error: str | None
+    tracking: dict[str, Any] | None = Field(
+        None,
+        description="where the run is also on record, per backend: mlflow {status, uri, "
+        "experiment_id, run_id, error}, tensorboard {status, logdir, error}; status is ok or "
+        "failed (training goes on without a tracker that fails)",
+    )
     attempts: int = Field(description="how many times a process ran it (resumes count)")
     state_purged: bool = Field(
         False, description="its resumable state was deleted (purge, or ALEXNET_KEEP_JOB_STATE)"
@@ -248,8 +254,10 @@ class JobOut(BaseModel):
         "history": [{"epoch": 1, "train_loss": 2.21, "val_loss": 1.91, "val_top1": 0.21,
                      "val_top5": 0.83, "lr": 0.01}],
         "result_version": None, "metrics": None, "activated": False, "activation": None,
-        "promotion": None,
-        "error": None, "attempts": 1, "state_purged": False}]}}  # fmt: skip
+        "promotion": None, "error": None,
+        "tracking": {"mlflow": {"status": "ok", "uri": "http://mlflow:5000",
+                                "experiment_id": "1", "run_id": "5c0ffee5c0ffee", "error": None}},
+        "attempts": 1, "state_purged": False}]}}  # fmt: skip
 
     @classmethod
     def of(cls, job: Job) -> JobOut:

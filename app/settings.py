@@ -121,6 +121,15 @@ class Settings(BaseSettings):
     min_confidence: float | None = Field(None, gt=0, le=1)
     drift_window: int = Field(1000, ge=10, le=1_000_000)
 
+    # Tracking (model/tracking.py), for `alexnet train` and admin jobs alike (a job's
+    # process inherits these): every run an MLflow run on mlflow_tracking_uri, in
+    # mlflow_experiment (None: the dataset's name); at a run's end it waits at most
+    # mlflow_timeout_s for the server. tensorboard: event files in each run folder.
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str | None = None
+    mlflow_timeout_s: float = Field(30.0, gt=0, le=3600)
+    tensorboard: bool = False
+
     admin_token: SecretStr | None = None
     # Training jobs: one at a time, niced, with capped threads so serving keeps its share.
     job_threads: int = Field(0, ge=0, le=1024)  # 0: all cores but one (at least one)

@@ -16,7 +16,7 @@ from typing import IO, Any
 
 from app.jobs.child import set_parent_death_signal
 from app.settings import Settings
-from model import run_state
+from model import run_state, tracking
 from model.config import TrainConfig
 from model.distributed import DistContext
 from model.fine_tune import fine_tune_text
@@ -27,6 +27,7 @@ from model.run import (
     Event,
     Start,
     Step,
+    Tracking,
     TrainingInterrupted,
     config_given,
     event_line,
@@ -89,6 +90,15 @@ class ProgressPrinter:
             )
             if ev.early_stop:
                 self.out.write("early stopping: validation loss stopped improving\n")
+        elif isinstance(ev, Tracking):
+            if ev.status == "failed":
+                self.err.write(f"warning: {ev.backend} tracking failed, training goes on "
+                               f"without it: {ev.error}\n")  # fmt: skip
+            elif ev.backend == "mlflow":
+                self.out.write(f"mlflow: run {ev.detail.get('run_id')} in experiment "
+                               f"{ev.detail.get('experiment_id')} at {ev.detail.get('uri')}\n")  # fmt: skip
+            else:
+                self.out.write(f"tensorboard: event files in {ev.detail.get('logdir')}\n")
         self.out.flush()
 
 
@@ -233,13 +243,27 @@ def run_train(args: argparse.Namespace, argv: Sequence[str], s: Settings) -> int
     if args.events_file:
         callbacks.append(EventsFile(args.events_file))
 
+    # Rank 0 alone tracks (the others' events are not emitted).
+    tracked = tracking.trackers(
+        run_dir=run_dir, models_dir=s.models_dir,
+        mlflow_uri=args.mlflow_uri or s.mlflow_tracking_uri,
+        mlflow_experiment=args.mlflow_experiment or s.mlflow_experiment,
+        tensorboard=s.tensorboard if args.tensorboard is None else args.tensorboard,
+        job_id=args.writer_tag.removeprefix("job-") if args.writer_tag else None,
+        mlflow_timeout_s=s.mlflow_timeout_s,
+    ) if dist_ctx is None or dist_ctx.rank == 0 else []  # fmt: skip
+
     def callback(ev: Event) -> None:
-        for cb in callbacks:
-            cb(ev)
+        # A tracker's news (its run on record, or that it failed) goes first: a job's
+        # record has it by the time it reads the run's end.
+        news: list[Event] = [n for t in tracked for n in t.handle(ev)]
+        for e in (*news, ev):
+            for cb in callbacks:
+                cb(e)
 
     trainer = Trainer(
         cfg, data_dir=s.data_dir, models_dir=s.models_dir, run_dir=run_dir,
-        callback=callback, dist_ctx=dist_ctx, holdout_share=s.holdout_split,
+        callback=callback, dist_ctx=dist_ctx, holdout_share=s.holdout_split, hooks=tracked,
     )  # fmt: skip
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

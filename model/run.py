@@ -76,6 +76,7 @@ class Start(_Event):
     resumed_from: tuple[int, int] | None = None  # (epoch, step) it continues at
     world: int = 1
     base: dict[str, Any] | None = None  # version, classes, reinitialised (a fine-tune)
+    dataset_hash: str | None = None  # what the data was (model/data.py's DatasetBundle.hash)
 
 
 class EpochStart(_Event):
@@ -135,6 +136,17 @@ class Failed(_Event):
     error: str
 
 
+class Tracking(_Event):
+    """News from a tracker (model/tracking.py): its run is on record, or it failed and
+    training goes on without it."""
+
+    type: Literal["tracking"] = "tracking"
+    backend: Literal["mlflow", "tensorboard"]
+    status: Literal["ok", "failed"]
+    detail: dict[str, Any] = {}  # mlflow: uri, experiment_id, run_id; tensorboard: logdir
+    error: str | None = None
+
+
 class Interrupted(_Event):
     type: Literal["interrupted"] = "interrupted"
     epoch: int
@@ -143,7 +155,7 @@ class Interrupted(_Event):
 
 
 Event = Annotated[
-    Start | EpochStart | Step | EpochEnd | Finished | Failed | Interrupted,
+    Start | EpochStart | Step | EpochEnd | Finished | Failed | Interrupted | Tracking,
     Field(discriminator="type"),
 ]
 _EVENT: TypeAdapter[Event] = TypeAdapter(Event)

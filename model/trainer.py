@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -70,6 +70,7 @@ from model.run_state import (
     training_tensors,
 )
 from model.schedules import EarlyStopping, LRPolicy
+from model.tracking import SAMPLE_IMAGES, TrainHooks
 from model.transforms import EvalTransform
 
 log = logging.getLogger(__name__)
@@ -89,11 +90,14 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, data_dir: Path, models_dir: Path, run_dir: Path,
                  callback: Callback | None = None, dist_ctx: DistContext | None = None,
-                 holdout_share: float = DEFAULT_HOLDOUT_SPLIT) -> None:  # fmt: skip
+                 holdout_share: float = DEFAULT_HOLDOUT_SPLIT,
+                 hooks: Sequence[TrainHooks] = ()) -> None:  # fmt: skip
         self.cfg, self.data_dir, self.models_dir, self.run_dir = cfg, data_dir, models_dir, run_dir
         # An imagefolder made by hand has its holdout drawn at first use: this share of it.
         self.holdout_share = holdout_share
         self.callback = callback
+        # Per-step and per-validation calls on rank 0 (model/tracking.py: TensorBoard).
+        self.hooks = list(hooks)
         self.dist = dist_ctx or DistContext()
         # Lineage: the version whose weights this run started from; None from scratch.
         self.parent = cfg.base
@@ -211,7 +215,7 @@ class Trainer:
                         split=bundle.split, skipped=bundle.skipped, device=placement.describe(),
                         epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
                         resumed_from=(start_epoch + 1, start_step) if resume else None,
-                        world=d.world, base=base_info))  # fmt: skip
+                        world=d.world, base=base_info, dataset_hash=bundle.hash))  # fmt: skip
         if base_info is not None:
             log.info("%s", fine_tune_text(base_info, len(bundle.labels)))
         log.info("training %s on %s (%s), %s", cfg.arch, cfg.dataset, placement.describe(),
@@ -249,6 +253,7 @@ class Trainer:
                                        clip_grad_norm=cfg.clip_grad_norm)  # fmt: skip
                 if ema is not None:
                     ema.update()
+                lr_step = policy.lr
                 policy.batch_step()
                 if not math.isfinite(loss):
                     raise TrainingError(
@@ -261,6 +266,9 @@ class Trainer:
                 acc.images += int(y.numel()) * d.world
                 acc.seconds += time.perf_counter() - t0
                 self.step_losses.append(loss)
+                if self.hooks and d.is_main:
+                    for h in self.hooks:
+                        h.step(epoch * steps_per_epoch + step + 1, loss, lr_step)
                 now = time.perf_counter()
                 if now - last_emit >= EVENT_INTERVAL_S or step + 1 == steps_per_epoch:
                     last_emit = now
@@ -285,6 +293,8 @@ class Trainer:
             val_seconds = time.perf_counter() - t_val
             log.info("validated rank %d epoch %d: loss %.6f top1 %.6f top5 %.6f n %d",
                      d.rank, epoch + 1, val.loss, val.top1, val.top5, val.count)  # fmt: skip
+            if d.is_main and any(h.wants_samples for h in self.hooks):
+                self._samples(epoch + 1, eval_model, bundle, eval_tf, amp_dtype)
             lr_used = policy.lr
             policy.step(val.loss, val.top1)
             improved = early(val.loss)
@@ -404,6 +414,27 @@ class Trainer:
             self.best = Best(meta["best"], weights_now or read_best_weights(self.run_dir),
                               in_state)  # fmt: skip
         return state.epoch, state.step, EpochAcc(**meta["acc"])
+
+    def _samples(self, epoch: int, model: Classifier, bundle: DatasetBundle,
+                 eval_tf: EvalTransform, amp_dtype: torch.dtype | None) -> None:  # fmt: skip
+        """The first few validation images and the model's answers, for the hooks."""
+        n = min(SAMPLE_IMAGES, len(bundle.val))
+        if n == 0:
+            return
+        items = [bundle.val[i] for i in range(n)]
+        images = torch.stack([torch.as_tensor(x) for x, _ in items])
+        was_training = model.training
+        model.eval()
+        with torch.inference_mode(), torch.autocast(model.device.type, dtype=amp_dtype or torch.bfloat16,
+                                                    enabled=amp_dtype is not None):  # fmt: skip
+            probs = torch.softmax(model(eval_tf(images.to(model.device))).float(), dim=1).cpu()
+        model.train(was_training)
+        conf, pred = probs.max(dim=1)
+        labels = bundle.labels
+        for h in self.hooks:
+            if h.wants_samples:
+                h.samples(epoch, images, [labels[int(y)] for _, y in items],
+                          [labels[int(p)] for p in pred], conf.tolist())  # fmt: skip
 
     def _write_plot(self, steps_per_epoch: int) -> None:
         if not self.dist.is_main:

@@ -8,7 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from app.jobs.store import Job
-from model.run import EpochEnd, EpochStart, Event, Failed, Finished, Start, Step, parse_event
+from model.run import (
+    EpochEnd,
+    EpochStart,
+    Event,
+    Failed,
+    Finished,
+    Start,
+    Step,
+    Tracking,
+    parse_event,
+)
 
 log = logging.getLogger("app.jobs")  # (the name job lines have always had)
 
@@ -31,6 +41,9 @@ def apply_event(job: Job, ev: Event) -> dict[str, Any]:
         ch = {"result_version": ev.version, "metrics": ev.metrics, "eta_s": 0.0}
     elif isinstance(ev, Failed):
         ch = {"error": ev.error}
+    elif isinstance(ev, Tracking):
+        news = {"status": ev.status, **ev.detail, "error": ev.error}
+        ch = {"tracking": {**(job.tracking or {}), ev.backend: news}}
     for k, v in ch.items():
         setattr(job, k, v)
     return ch
@@ -63,6 +76,9 @@ def log_event(job: Job, ev: Event) -> None:
                  ev.split.get("train"), ev.split.get("val"), d.get("device"),
                  d.get("precision"),
                  f", resumed at epoch {ev.resumed_from[0]}" if ev.resumed_from else "")  # fmt: skip
+    elif isinstance(ev, Tracking) and ev.status == "failed":
+        log.warning("job %s: %s tracking failed, training goes on without it: %s",
+                    job.id, ev.backend, ev.error)  # fmt: skip
     elif isinstance(ev, EpochEnd):
         eta = f", about {job.eta_s:.0f} s left" if job.eta_s and ev.epoch < ev.epochs else ""
         log.info("job %s: epoch %d/%d val_loss %.4f val_top1 %.1f%% (%.0f img/s)%s",

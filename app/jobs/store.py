@@ -58,9 +58,10 @@ class Job:
     cancel_requested: bool = False
     resume: bool = False  # the next run continues the saved state
     purged_at: float | None = None  # when its resumable state was deleted
+    tracking: dict[str, Any] | None = None  # per backend: model/run.py's Tracking news
 
 
-_JSON_COLUMNS: Final = ("config", "history", "metrics", "promotion")
+_JSON_COLUMNS: Final = ("config", "history", "metrics", "promotion", "tracking")
 _BOOL_COLUMNS: Final = ("activated", "cancel_requested", "resume")
 _COLUMNS: Final = frozenset(Job.__dataclass_fields__) - {"id"}
 _SCHEMA: Final = """
@@ -92,7 +93,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     resume INTEGER NOT NULL DEFAULT 0,
-    purged_at REAL
+    purged_at REAL,
+    tracking TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 """
@@ -118,6 +120,8 @@ class JobStore:
                 db.execute("ALTER TABLE jobs ADD COLUMN purged_at REAL")
             if "promotion" not in have:
                 db.execute("ALTER TABLE jobs ADD COLUMN promotion TEXT")
+            if "tracking" not in have:
+                db.execute("ALTER TABLE jobs ADD COLUMN tracking TEXT")
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
