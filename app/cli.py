@@ -38,6 +38,14 @@ def _train_options(p: argparse.ArgumentParser) -> None:
 
     add_config_options(p)  # one per TrainConfig field, its bounds and defaults stated there
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) on this node")
+    p.add_argument("--nnodes", default="1", metavar="N|MIN:MAX",
+                   help="nodes (torchrun; MIN:MAX is elastic, needs --rdzv-endpoint)")  # fmt: skip
+    p.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                   help="torchrun restarts every rank up to K times after one dies; they go on "
+                   "from the last saved state (see --checkpoint-every-steps)")  # fmt: skip
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                   help="the c10d rendezvous the nodes meet at (one of them, reachable by all)")  # fmt: skip
+    p.add_argument("--resume-if-saved", action="store_true", help=argparse.SUPPRESS)  # ranks
     p.add_argument(
         "--resume",
         metavar="RUN_DIR|VERSION",

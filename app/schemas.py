@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -149,6 +149,10 @@ def multipart_body(field: str, *, many: bool, raw: bool = False) -> dict[str, An
     return {"requestBody": {"required": True, "content": content}}
 
 
+# How torchrun starts a job's ranks (app/training.py: Launch), beside nproc_per_node.
+LAUNCH_FIELDS: Final = ("nnodes", "max_restarts", "rdzv_endpoint")
+
+
 class JobRequest(TrainConfig):
     """POST /admin/jobs: the `alexnet train` options in snake_case, plus what to do with
     the result."""
@@ -161,6 +165,20 @@ class JobRequest(TrainConfig):
         "always; never",
     )
     nproc_per_node: int = Field(1, ge=1, le=64, description="processes (GPUs); torchrun if > 1")
+    nnodes: str = Field(
+        "1", pattern=r"^[1-9][0-9]*(:[1-9][0-9]*)?$",
+        description="nodes, N or MIN:MAX (elastic); above 1 the other nodes run `alexnet "
+        "train` with the same options and run folder, meeting at rdzv_endpoint",
+    )  # fmt: skip
+    max_restarts: int = Field(
+        0, ge=0, le=100,
+        description="torchrun restarts every rank up to this many times after one dies; they "
+        "go on from the last saved state (checkpoint_every_steps)",
+    )  # fmt: skip
+    rdzv_endpoint: str | None = Field(
+        None, max_length=255, pattern=r"^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$",
+        description="HOST:PORT of the c10d rendezvous the nodes meet at",
+    )  # fmt: skip
     include_feedback: bool = Field(
         False,
         description="add labelled feedback (POST /v1/feedback) to the data: its train share "
@@ -188,7 +206,9 @@ class JobRequest(TrainConfig):
 
     def train_config(self) -> TrainConfig:
         return TrainConfig.model_validate(
-            self.model_dump(exclude={"activate", "nproc_per_node", "include_feedback"})
+            self.model_dump(
+                exclude={"activate", "nproc_per_node", "include_feedback", *LAUNCH_FIELDS}
+            )
         )
 
 
@@ -211,6 +231,9 @@ class JobOut(BaseModel):
     config: dict[str, Any] = Field(description="the full training configuration")
     activate: str
     nproc_per_node: int
+    launch: dict[str, Any] | None = Field(
+        None, description="torchrun's nnodes, max_restarts and rdzv_endpoint, where given"
+    )
     created_at: float
     started_at: float | None
     finished_at: float | None

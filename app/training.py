@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
@@ -36,7 +38,8 @@ from model.run_state import RunState, RunStateError
 from model.trainer import Trainer
 
 # Options that may change when a run is resumed; the rest would change its meaning.
-_RESUMABLE_OVERRIDES = {"epochs", "device", "precision", "workers", "patience"}
+_RESUMABLE_OVERRIDES = {"epochs", "device", "precision", "workers", "patience",
+                        "checkpoint_every_steps"}  # fmt: skip
 
 
 class TrainCliError(Exception):
@@ -63,6 +66,11 @@ class ProgressPrinter:
                 f"({ev.split['train']} train / {ev.split['val']} val images, "
                 f"{len(ev.labels)} classes) on {d['device']} {d['precision']}"
                 + (f", {ev.world} processes" if ev.world > 1 else "")
+                + (
+                    f", resumed at epoch {ev.resumed_from[0]} step {ev.resumed_from[1]}"
+                    if ev.resumed_from
+                    else ""
+                )
                 + "\n"
             )
             if ev.base:
@@ -114,12 +122,54 @@ class EventsFile:
         self.f.flush()
 
 
+_NNODES = re.compile(r"^([1-9][0-9]*)(?::([1-9][0-9]*))?$")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How torchrun starts the ranks: `nnodes` ("N" or "MIN:MAX": elastic), how many times
+    it restarts them all after a worker dies, and the c10d rendezvous several nodes meet at
+    (None: this node alone, torchrun's --standalone)."""
+
+    nnodes: str = "1"
+    max_restarts: int = 0
+    rdzv_endpoint: str | None = None
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> Launch:
+        launch = cls(args.nnodes, args.max_restarts, args.rdzv_endpoint)
+        m = _NNODES.match(launch.nnodes)
+        if m is None or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise TrainCliError(f"--nnodes {launch.nnodes}: give N or MIN:MAX (MIN <= MAX)")
+        if launch.max_restarts < 0:
+            raise TrainCliError(f"--max-restarts must be 0 or more, got {launch.max_restarts}")
+        if launch.nnodes != "1" and launch.rdzv_endpoint is None:
+            raise TrainCliError(f"--nnodes {launch.nnodes} needs --rdzv-endpoint HOST:PORT, "
+                                "where the nodes meet")  # fmt: skip
+        return launch
+
+    def distributed(self, nproc: int) -> bool:
+        return nproc > 1 or self.nnodes != "1" or self.max_restarts > 0 or bool(self.rdzv_endpoint)
+
+    def torchrun_options(self, run_dir: Path) -> list[str]:
+        if self.rdzv_endpoint is None:
+            where = ["--standalone"]
+        else:  # the run folder's name is the rendezvous id: the same on every node
+            where = ["--rdzv-backend=c10d", f"--rdzv-endpoint={self.rdzv_endpoint}",
+                     f"--rdzv-id={run_dir.name}"]  # fmt: skip
+        return [*where, f"--nnodes={self.nnodes}", f"--max-restarts={self.max_restarts}"]
+
+
 def torchrun_argv(argv: Sequence[str], run_dir: Path, base: str | None = None) -> list[str]:
-    """The ranks' `alexnet train` options: this command's, without --nproc-per-node, with
-    the run folder, and with the base version as this process resolved it (`--base
-    active`, or the older `--resume VERSION`, resolved once: ACTIVE may change meanwhile,
-    and every rank must start from the same weights)."""
-    drop = {"--nproc-per-node"} | ({"--base", "--resume"} if base is not None else set())
+    """The ranks' `alexnet train` options: this command's, without the launcher's own
+    (--nproc-per-node, --nnodes, ...), with the run folder, told to resume from the run
+    folder's state when there is one (a torchrun restart after a worker died), and with
+    the base version as this process resolved it (`--base active`, or the older `--resume
+    VERSION`, resolved once: ACTIVE may change meanwhile, and every rank must start from
+    the same weights)."""
+    drop = {"--nproc-per-node", "--nnodes", "--max-restarts", "--rdzv-endpoint"} | (
+        {"--base", "--resume"} if base is not None else set()
+    )
     rest: list[str] = []
     skip = False
     for a in argv:
@@ -136,13 +186,15 @@ def torchrun_argv(argv: Sequence[str], run_dir: Path, base: str | None = None) -
         rest += ["--run-dir", str(run_dir)]
     if base is not None:
         rest += ["--base", base]
-    return rest
+    return [*rest, "--resume-if-saved"]
 
 
-def launch_torchrun(argv: Sequence[str], nproc: int, run_dir: Path, base: str | None = None) -> int:
+def launch_torchrun(argv: Sequence[str], nproc: int, run_dir: Path, base: str | None = None,
+                    launch: Launch | None = None) -> int:  # fmt: skip
     """Re-run this command under torchrun with `nproc` processes on this node."""
     rest = torchrun_argv(argv, run_dir, base)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    cmd = [sys.executable, "-m", "torch.distributed.run",
+           *(launch or Launch()).torchrun_options(run_dir),
            f"--nproc-per-node={nproc}", "-m", "app.cli", *rest]  # fmt: skip
     proc = subprocess.Popen(cmd)
 
@@ -176,7 +228,24 @@ def _dist_context() -> DistContext | None:
     # Rank 0 alone makes the new version's extras (a pass over val and the holdout:
     # model/extras.py) while the others wait in a collective: more than the default
     # 10-minute watchdog on a large dataset.
-    dist.init_process_group(backend=backend, timeout=timedelta(hours=2))
+    timeout = timedelta(hours=2)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or "MASTER_ADDR" not in os.environ:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        # Under torchrun the store outlives a restart of the ranks, and what the dead
+        # group's ranks wrote in it (their addresses) would be read by the new one: each
+        # attempt gets keys of its own.
+        rank = int(os.environ["RANK"])
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(  # type: ignore[attr-defined]
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+            is_master=rank == 0 and not agent, timeout=timedelta(minutes=10),
+            multi_tenant=not agent,
+        )  # fmt: skip
+        prefixed = dist.PrefixStore(f"alexnet/attempt_{restart}", store)  # type: ignore[attr-defined]
+        dist.init_process_group(backend=backend, timeout=timeout, rank=rank, world_size=world,
+                                store=prefixed)  # fmt: skip
     return DistContext(
         rank=dist.get_rank(), world=dist.get_world_size(),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
@@ -214,6 +283,9 @@ def run_train(args: argparse.Namespace, argv: Sequence[str], s: Settings) -> int
                     "nor a model version"
                 ) from exc
             given["base"] = args.resume
+    if (resume_run is None and args.resume_if_saved and args.run_dir is not None
+            and run_state.exists(args.run_dir)):  # fmt: skip
+        resume_run = args.run_dir  # torchrun restarted the ranks: on from the last save
     if "base" in given and resume_run is None:
         given.update(fine_tune_defaults(s.models_dir, given["base"], given))
     if resume_run is not None:
@@ -233,10 +305,18 @@ def run_train(args: argparse.Namespace, argv: Sequence[str], s: Settings) -> int
 
     if args.nproc_per_node < 1:
         raise TrainCliError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
-    if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+    launch = Launch.of(args)
+    if launch.distributed(args.nproc_per_node) and "WORLD_SIZE" not in os.environ:
+        if launch.rdzv_endpoint is not None and args.run_dir is None and resume_run is None:
+            raise TrainCliError("--rdzv-endpoint needs --run-dir: a folder every node shares, "
+                                "where the ranks save and resume the run")  # fmt: skip
+        if (launch.rdzv_endpoint is None and resume_run is None
+                and run_state.exists(run_dir)):  # fmt: skip
+            raise TrainCliError(f"{run_dir} already holds a run's state: --resume {run_dir}, "
+                                "or give another --run-dir")  # fmt: skip
         run_dir.mkdir(parents=True, exist_ok=True)
         resolved = given.get("base") if resume_run is None else None
-        return launch_torchrun(argv, args.nproc_per_node, run_dir, resolved)
+        return launch_torchrun(argv, args.nproc_per_node, run_dir, resolved, launch)
 
     dist_ctx = _dist_context()
     callbacks: list[Any] = [ProgressPrinter()]

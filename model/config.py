@@ -112,6 +112,12 @@ class TrainConfig(BaseModel):
         "step with this decay (e.g. 0.999); the averaged weights are what is validated, kept "
         "as best and saved as the version. null: none",
     )  # fmt: skip
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1,
+        description="also save the resumable state every N optimizer steps, not only at each "
+        "epoch's end: a run restarted after a dead worker (torchrun --max-restarts) or a "
+        "crash loses at most N steps. null: at each epoch's end only",
+    )  # fmt: skip
 
     feedback: str | None = Field(
         None,

@@ -278,6 +278,10 @@ class Trainer:
                     self.emit(Step(epoch=epoch + 1, epochs=cfg.epochs, step=step + 1,
                                    steps=steps_per_epoch, loss=acc.loss_sum / acc.steps,
                                    images_per_s=acc.images_per_s, eta_s=eta))  # fmt: skip
+                every = cfg.checkpoint_every_steps
+                if every and (step + 1) % every == 0 and step + 1 < steps_per_epoch:
+                    self.best.persist(self.run_dir, d.is_main)  # (the state's weights move on)
+                    save(epoch, step + 1, acc)
                 if d.agree_to_stop(self._stop):
                     self.best.persist(self.run_dir, d.is_main)
                     save(epoch, step + 1, acc)
@@ -413,6 +417,15 @@ class Trainer:
             weights_now = to_cpu(net_now.state_dict()) if in_state else None
             self.best = Best(meta["best"], weights_now or read_best_weights(self.run_dir),
                               in_state)  # fmt: skip
+        saved_world = int(meta.get("world", 1))
+        if state.step and saved_world != self.dist.world:
+            # Another world shards the epoch differently: the steps done so far are not
+            # "the first N" of the new shards. The epoch in progress starts over, from the
+            # weights reached (an elastic restart with fewer or more workers).
+            log.warning("%s: saved by %d processes, resumed by %d: epoch %d starts over from "
+                        "the weights saved at its step %d", path, saved_world, self.dist.world,
+                        state.epoch + 1, state.step)  # fmt: skip
+            return state.epoch, 0, EpochAcc()
         return state.epoch, state.step, EpochAcc(**meta["acc"])
 
     def _samples(self, epoch: int, model: Classifier, bundle: DatasetBundle,

@@ -27,7 +27,8 @@ def apply_event(job: Job, ev: Event) -> dict[str, Any]:
     """The record fields that trainer event `ev` changes (also applied to `job`)."""
     ch: dict[str, Any] = {}
     if isinstance(ev, Start):
-        ch = {"epochs": ev.epochs, "steps": ev.steps_per_epoch}
+        # (a new attempt: what an earlier one's rank said on its way out is behind it)
+        ch = {"epochs": ev.epochs, "steps": ev.steps_per_epoch, "error": None}
     elif isinstance(ev, EpochStart):
         ch = {"epoch": ev.epoch, "epochs": ev.epochs, "step": 0}
     elif isinstance(ev, Step):

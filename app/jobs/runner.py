@@ -37,7 +37,7 @@ from app.jobs.store import RESUMABLE, Job, JobStore
 from app.settings import available_cpus
 from model import run_state
 from model.files import remove_partial_saves
-from model.run import EVENTS_FILE, EXIT_INTERRUPTED, LOG_FILE, config_argv
+from model.run import EVENTS_FILE, EXIT_INTERRUPTED, LOG_FILE, config_argv, option
 
 log = logging.getLogger("app.jobs")  # (the name job lines have always had)
 
@@ -50,6 +50,9 @@ def train_argv(job: Job, run_dir: Path) -> list[str]:
     args = ["--resume", str(run_dir)] if job.resume else config_argv(job.config)
     if job.nproc_per_node > 1:
         args += ["--nproc-per-node", str(job.nproc_per_node)]
+    for name, value in (job.launch or {}).items():  # nnodes, max_restarts, rdzv_endpoint
+        if value is not None:
+            args += [option(name), str(value)]
     return [sys.executable, "-m", "app.cli", "train", *args, "--run-dir", str(run_dir),
             "--events-file", str(run_dir / EVENTS_FILE), "--keep-active",
             "--writer-tag", writer_tag(job.id)]  # fmt: skip

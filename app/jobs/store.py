@@ -36,6 +36,7 @@ class Job:
     config: dict[str, Any]
     activate: Activate
     nproc_per_node: int = 1
+    launch: dict[str, Any] | None = None  # nnodes, max_restarts, rdzv_endpoint (torchrun)
     source: str = "api"  # api | bootstrap
     created_at: float = 0.0
     started_at: float | None = None
@@ -61,7 +62,7 @@ class Job:
     tracking: dict[str, Any] | None = None  # per backend: model/run.py's Tracking news
 
 
-_JSON_COLUMNS: Final = ("config", "history", "metrics", "promotion", "tracking")
+_JSON_COLUMNS: Final = ("config", "history", "metrics", "promotion", "tracking", "launch")
 _BOOL_COLUMNS: Final = ("activated", "cancel_requested", "resume")
 _COLUMNS: Final = frozenset(Job.__dataclass_fields__) - {"id"}
 _SCHEMA: Final = """
@@ -94,7 +95,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     resume INTEGER NOT NULL DEFAULT 0,
     purged_at REAL,
-    tracking TEXT
+    tracking TEXT,
+    launch TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 """
@@ -122,6 +124,8 @@ class JobStore:
                 db.execute("ALTER TABLE jobs ADD COLUMN promotion TEXT")
             if "tracking" not in have:
                 db.execute("ALTER TABLE jobs ADD COLUMN tracking TEXT")
+            if "launch" not in have:
+                db.execute("ALTER TABLE jobs ADD COLUMN launch TEXT")
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -144,22 +148,31 @@ class JobStore:
 
     def create(self, req: JobRequest, *, source: str = "api") -> Job:
         """A queued job for `req` (its config with every default filled in)."""
+        from app.schemas import LAUNCH_FIELDS, JobRequest
+
         job = Job(
             id=uuid.uuid4().hex[:12],
             status="queued",
             config=req.train_config().model_dump(mode="json"),
             activate=req.activate,
             nproc_per_node=req.nproc_per_node,
+            launch={
+                k: v
+                for k, v in req.model_dump(include=set(LAUNCH_FIELDS)).items()
+                if v != JobRequest.model_fields[k].default
+            }
+            or None,
             source=source,
             created_at=time.time(),
         )
         with self._tx() as db:
             seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
             db.execute(
-                "INSERT INTO jobs (id, seq, status, config, activate, nproc_per_node, source,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, seq, status, config, activate, nproc_per_node, launch,"
+                " source, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.id, seq, job.status, json.dumps(job.config), job.activate,
-                 job.nproc_per_node, job.source, job.created_at),
+                 job.nproc_per_node, json.dumps(job.launch) if job.launch else None,
+                 job.source, job.created_at),
             )  # fmt: skip
         return job
 

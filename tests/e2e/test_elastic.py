@@ -1,0 +1,113 @@
+"""Elastic, fault-tolerant torchrun: a rank SIGKILLed in the middle of an epoch is
+survived. torchrun (two gloo processes on this machine, c10d rendezvous) restarts the
+group, every rank goes on from the last state saved every --checkpoint-every-steps, and
+the run ends as if nothing happened: one version, a history without gaps or repeats, and
+the optimizer steps of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from model.checkpoint import list_cards
+from model.run_state import RunState
+from tests.helpers.cli import REPO, run_cli
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+FAST = ["--image-size", "64", "--precision", "fp32", "--device", "cpu", "--workers", "0",
+        "--batch-size", "8"]  # fmt: skip
+
+
+def rank_pid(run_dir: Path, rank: int) -> int | None:
+    """The training process of `rank` in this run (a torchrun worker names the run folder
+    on its command line and has RANK in its environment)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(run_dir).encode() in cmd and f"RANK={rank}".encode() in env and b"app.cli" in cmd:
+            return int(entry.name)
+    return None
+
+
+def test_a_killed_worker_is_survived_with_every_step_taken_once(tmp_path: Path) -> None:
+    home, run_dir, ev_file = tmp_path / "home", tmp_path / "run", tmp_path / "events.jsonl"
+    # 240 images: 192 train / 48 val; 2 ranks x batch 8: 12 steps an epoch.
+    args = ["train", "--dataset", "synthetic:240", "--epochs", "2", *FAST,
+            "--nproc-per-node", "2", "--max-restarts", "2", "--checkpoint-every-steps", "3",
+            "--run-dir", str(run_dir), "--events-file", str(ev_file)]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=REPO,
+                            env={**os.environ, "ALEXNET_HOME": str(home)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    killed_at = None
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and killed_at is None:
+            steps = [json.loads(line) for line in ev_file.read_text().splitlines()
+                     if '"type": "step"' in line] if ev_file.exists() else []  # fmt: skip
+            # In epoch 1, past the checkpoint at step 3 and before the epoch's end.
+            if steps and steps[-1]["epoch"] == 1 and 4 <= steps[-1]["step"] < 12:
+                pid = rank_pid(run_dir, 1)
+                if pid is not None:
+                    os.kill(pid, signal.SIGKILL)
+                    killed_at = steps[-1]["step"]
+            elif steps and (steps[-1]["epoch"] > 1 or steps[-1]["step"] >= 12):
+                pytest.fail("epoch 1 went by before rank 1 could be killed")
+            time.sleep(0.02)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:  # torchrun and its ranks too
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert killed_at is not None, "rank 1 was never seen running"
+    assert proc.returncode == 0, err[-4000:]
+
+    # torchrun saw the worker die and restarted the group.
+    assert "SIGKILL" in err or "Signal 9" in err or "exitcode: -9" in err, err[-4000:]
+    events = [json.loads(line) for line in ev_file.read_text().splitlines()]
+    starts = [e for e in events if e["type"] == "start"]
+    assert len(starts) == 2 and starts[0]["resumed_from"] is None
+    epoch, step = starts[1]["resumed_from"]
+    assert epoch == 1 and step in (3, 6, 9) and step <= killed_at  # the last saved step
+    assert starts[1]["world"] == 2
+    # The first group's rank 0 saw its peer vanish (its last word); the second one's ended well.
+    after = events[events.index(starts[1]) :]
+    assert [e["type"] for e in after if e["type"] in ("failed", "finished")] == ["finished"]
+
+    # One version, a history of epochs 1 and 2 once each, every step taken once.
+    (card,) = list_cards(home / "models")
+    assert [e["epoch"] for e in events if e["type"] == "epoch_end"] == [1, 2]
+    state = RunState.read(run_dir)
+    assert state.finished_version == card.version
+    meta = state.meta
+    assert [h["epoch"] for h in meta["history"]] == [1, 2]
+    steps_per_epoch = starts[0]["steps_per_epoch"]
+    assert steps_per_epoch == 12
+    assert meta["scheduler"]["steps"] == 2 * steps_per_epoch  # the optimizer steps taken
+    assert len(meta["step_losses"]) == 2 * steps_per_epoch
+
+
+def test_launch_options_are_checked_before_anything_starts(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    for extra, message in (
+        (["--nnodes", "2"], "needs --rdzv-endpoint"),
+        (["--nnodes", "3:2", "--rdzv-endpoint", "h:1", "--run-dir", "r"], "MIN <= MAX"),
+        (["--nnodes", "x"], "give N or MIN:MAX"),
+        (["--max-restarts", "-1"], "0 or more"),
+        (["--rdzv-endpoint", "127.0.0.1:29400"], "needs --run-dir"),
+    ):
+        r = run_cli("train", "--dataset", "synthetic:80", *FAST, *extra, home=home, timeout=120)
+        assert r.returncode == 1 and message in r.stderr, (extra, r.stderr)
