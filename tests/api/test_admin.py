@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from app.activation import decide, should_activate
 from app.jobs.progress import apply_event
@@ -246,6 +247,20 @@ def test_train_argv_is_the_cli(tmp_path: Path) -> None:
                  "--nproc-per-node 2", "--keep-active", f"--run-dir {tmp_path / 'run'}"):  # fmt: skip
         assert part in joined
     assert "--writer-tag" in argv  # names its temp files after the job (app/jobs/child.py)
+    assert "--nnodes" not in argv and "--max-restarts" not in argv and job.launch is None
+    elastic = store.create(JobRequest.model_validate(
+        {**TINY, "nproc_per_node": 2, "max_restarts": 3, "nnodes": "1:2",
+         "rdzv_endpoint": "head:29400", "checkpoint_every_steps": 20}))  # fmt: skip
+    assert elastic.launch == {"nnodes": "1:2", "max_restarts": 3, "rdzv_endpoint": "head:29400"}
+    assert store.get(elastic.id).launch == elastic.launch  # type: ignore[union-attr]
+    joined = " ".join(train_argv(elastic, tmp_path / "run"))
+    for part in ("--nnodes 1:2", "--max-restarts 3", "--rdzv-endpoint head:29400",
+                 "--checkpoint-every-steps 20"):  # fmt: skip
+        assert part in joined
+    assert JobOut.of(elastic).launch == elastic.launch
+    for bad in ({"nnodes": "2:1x"}, {"max_restarts": -1}, {"rdzv_endpoint": "no port"}):
+        with pytest.raises(ValidationError):
+            JobRequest.model_validate({**TINY, **bad})
     job.resume = True
     assert "--resume" in train_argv(job, tmp_path / "run")
     assert "--dataset" not in train_argv(job, tmp_path / "run")
