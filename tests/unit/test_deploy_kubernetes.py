@@ -314,3 +314,47 @@ def test_the_kserve_runtime_sets_nothing_knative_refuses(rendered: dict[str, lis
     assert [p["containerPort"] for p in c["ports"]] == [8080]  # one port, which probes use
     for probe in ("readinessProbe", "livenessProbe"):
         assert c[probe]["httpGet"]["port"] == 8080
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_the_distributed_training_job_is_valid_and_meets_at_its_pod_0() -> None:
+    """deploy/kubernetes/distributed-training: an indexed Job whose pods meet at pod 0
+    through a headless Service, with `alexnet train` options our own CLI accepts."""
+    from app.cli import build_parser
+    from app.training import Launch
+
+    try:
+        docs = kube.kustomize(DEPLOY / "kubernetes/distributed-training")
+    except kube.Missing as exc:
+        pytest.skip(str(exc))
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "Job", "Service"]
+    for version in kube.k8s_versions():
+        for doc in docs:
+            kubernetes_validate.validate(doc, version, strict=True)
+    job, svc = one(docs, "Job"), one(docs, "Service")
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"]
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"]
+    assert pod["subdomain"] == svc["metadata"]["name"]
+    assert svc["spec"]["selector"] == {"job-name": job["metadata"]["name"]}
+    (container,) = pod["containers"]
+    args = build_parser().parse_args(container["args"])
+    launch = Launch.of(args)
+    host, port = str(launch.rdzv_endpoint).rsplit(":", 1)
+    assert host == f"{job['metadata']['name']}-0.{svc['metadata']['name']}"  # pod 0's name
+    assert int(port) == svc["spec"]["ports"][0]["port"] == container["ports"][0]["containerPort"]
+    assert int(launch.nnodes.split(":")[-1]) == spec["completions"]
+    assert launch.max_restarts > 0 and args.checkpoint_every_steps
+    # the run folder is on the shared volume, the service's ALEXNET_HOME
+    env = environment(docs, container)
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert (
+        str(args.run_dir).startswith(mounts["home"] + "/") and env["ALEXNET_HOME"] == mounts["home"]
+    )
+    home = next(v for v in pod["volumes"] if v["name"] == "home")
+    assert home["persistentVolumeClaim"]["claimName"] == "alexnet-home"
+    assert pod["securityContext"]["runAsUser"] == image_uid()
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert env["TMPDIR"] == mounts["tmp"] == "/tmp"
