@@ -204,6 +204,16 @@ class JobRequest(TrainConfig):
             return {**data, "base": "active"}
         return data
 
+    @model_validator(mode="after")
+    def _launch_is_consistent(self) -> JobRequest:
+        """What `alexnet train` would refuse, refused here (422), not when the job runs."""
+        low, _, high = self.nnodes.partition(":")
+        if high and int(high) < int(low):
+            raise ValueError(f"nnodes {self.nnodes}: MIN:MAX needs MIN <= MAX")
+        if self.nnodes != "1" and self.rdzv_endpoint is None:
+            raise ValueError(f"nnodes {self.nnodes} needs rdzv_endpoint (HOST:PORT)")
+        return self
+
     def train_config(self) -> TrainConfig:
         return TrainConfig.model_validate(
             self.model_dump(

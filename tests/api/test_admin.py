@@ -258,7 +258,8 @@ def test_train_argv_is_the_cli(tmp_path: Path) -> None:
                  "--checkpoint-every-steps 20"):  # fmt: skip
         assert part in joined
     assert JobOut.of(elastic).launch == elastic.launch
-    for bad in ({"nnodes": "2:1x"}, {"max_restarts": -1}, {"rdzv_endpoint": "no port"}):
+    for bad in ({"nnodes": "2:1x"}, {"max_restarts": -1}, {"rdzv_endpoint": "no port"},
+                {"nnodes": "2"}, {"nnodes": "3:2", "rdzv_endpoint": "h:1"}):  # fmt: skip
         with pytest.raises(ValidationError):
             JobRequest.model_validate({**TINY, **bad})
     job.resume = True
