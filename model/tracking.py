@@ -47,7 +47,9 @@ MLFLOW_RUN_FILE: Final = "mlflow.json"
 SAMPLE_IMAGES: Final = 8
 # MLflow's own defaults wait 120 s a request and retry 7 times with backoff: minutes per
 # call against a dead server. Ours, unless the user set them.
-_MLFLOW_ENV: Final = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
+# MLflow 3 also sends usage telemetry to its makers unless told not to: off.
+_MLFLOW_ENV: Final = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                      "MLFLOW_DISABLE_TELEMETRY": "true"}  # fmt: skip
 
 
 class TrainHooks:
