@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -33,6 +32,8 @@ from model.run import (
     TrainingInterrupted,
     config_given,
     event_line,
+    launch_problem,
+    option,
 )
 from model.run_state import RunState, RunStateError
 from model.trainer import Trainer
@@ -122,9 +123,6 @@ class EventsFile:
         self.f.flush()
 
 
-_NNODES = re.compile(r"^([1-9][0-9]*)(?::([1-9][0-9]*))?$")
-
-
 @dataclass(frozen=True)
 class Launch:
     """How torchrun starts the ranks: `nnodes` ("N" or "MIN:MAX": elastic), how many times
@@ -138,14 +136,10 @@ class Launch:
     @classmethod
     def of(cls, args: argparse.Namespace) -> Launch:
         launch = cls(args.nnodes, args.max_restarts, args.rdzv_endpoint)
-        m = _NNODES.match(launch.nnodes)
-        if m is None or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
-            raise TrainCliError(f"--nnodes {launch.nnodes}: give N or MIN:MAX (MIN <= MAX)")
-        if launch.max_restarts < 0:
-            raise TrainCliError(f"--max-restarts must be 0 or more, got {launch.max_restarts}")
-        if launch.nnodes != "1" and launch.rdzv_endpoint is None:
-            raise TrainCliError(f"--nnodes {launch.nnodes} needs --rdzv-endpoint HOST:PORT, "
-                                "where the nodes meet")  # fmt: skip
+        problem = launch_problem(launch.nnodes, launch.max_restarts, launch.rdzv_endpoint,
+                                 name=option)  # fmt: skip
+        if problem is not None:
+            raise TrainCliError(problem[1])
         return launch
 
     def distributed(self, nproc: int) -> bool:
@@ -196,16 +190,28 @@ def launch_torchrun(argv: Sequence[str], nproc: int, run_dir: Path, base: str | 
     cmd = [sys.executable, "-m", "torch.distributed.run",
            *(launch or Launch()).torchrun_options(run_dir),
            f"--nproc-per-node={nproc}", "-m", "app.cli", *rest]  # fmt: skip
-    proc = subprocess.Popen(cmd)
+    # Each rendezvous round's rank 0 hosts a store of its own (on a free port), instead of
+    # every round sharing the rendezvous store: what a dead group's ranks wrote in a shared
+    # one (their addresses) would be read by the next group and hang it, and a node that
+    # replaces a dead one counts its restarts from 0, so no per-node count can keep the
+    # rounds' keys apart (`_dist_context`).
+    env = {**os.environ}
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    proc = subprocess.Popen(cmd, env=env)
+
+    asked: list[int] = []
 
     def forward(signum: int, _frame: FrameType | None) -> None:
+        asked.append(signum)
         proc.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     rc = proc.wait()
-    # torchrun reports a worker's non-zero exit as its own failure (1); the state tells.
-    if rc != 0 and _interrupted_state(run_dir):
+    # Asked to stop, the ranks save and exit EXIT_INTERRUPTED, which torchrun reports as
+    # its own failure (1): the state tells. A failure nobody asked for stays a failure
+    # (a rank that crashed once its restarts were spent, say).
+    if rc != 0 and asked and _interrupted_state(run_dir):
         return EXIT_INTERRUPTED
     return rc
 
@@ -229,19 +235,21 @@ def _dist_context() -> DistContext | None:
     # model/extras.py) while the others wait in a collective: more than the default
     # 10-minute watchdog on a large dataset.
     timeout = timedelta(hours=2)
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if restart is None or "MASTER_ADDR" not in os.environ:
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        # Our launcher's torchrun (`launch_torchrun`): rank 0 hosts a fresh store each
+        # round, so nothing a dead group wrote is read by the next one.
         dist.init_process_group(backend=backend, timeout=timeout)
     else:
-        # Under torchrun the store outlives a restart of the ranks, and what the dead
-        # group's ranks wrote in it (their addresses) would be read by the new one: each
-        # attempt gets keys of its own.
+        # A torchrun started by hand, whose rendezvous store every round shares: what the
+        # dead group's ranks wrote in it (their addresses) would be read by the new one
+        # and hang it in gloo's connectFullMesh, so each attempt gets keys of its own.
+        # (A node that replaces a dead one counts its attempts from 0 and cannot meet the
+        # others this way: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as our launcher does.)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         rank = int(os.environ["RANK"])
-        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
         store = dist.TCPStore(  # type: ignore[attr-defined]
             os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-            is_master=rank == 0 and not agent, timeout=timedelta(minutes=10),
-            multi_tenant=not agent,
+            is_master=False, timeout=timedelta(minutes=10),
         )  # fmt: skip
         prefixed = dist.PrefixStore(f"alexnet/attempt_{restart}", store)  # type: ignore[attr-defined]
         dist.init_process_group(backend=backend, timeout=timeout, rank=rank, world_size=world,

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from model.checkpoint import list_cards
-from model.run_state import RunState
+from model.run_state import RunState, RunStateError
 from tests.helpers.cli import REPO, run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 FAST = ["--image-size", "64", "--precision", "fp32", "--device", "cpu", "--workers", "0",
-        "--batch-size", "8"]  # fmt: skip
+        "--batch-size", "4"]  # fmt: skip
 
 
 def rank_pid(run_dir: Path, rank: int) -> int | None:
@@ -44,7 +44,7 @@ def rank_pid(run_dir: Path, rank: int) -> int | None:
 
 def test_a_killed_worker_is_survived_with_every_step_taken_once(tmp_path: Path) -> None:
     home, run_dir, ev_file = tmp_path / "home", tmp_path / "run", tmp_path / "events.jsonl"
-    # 240 images: 192 train / 48 val; 2 ranks x batch 8: 12 steps an epoch.
+    # 240 images: 192 train / 48 val; 2 ranks x batch 4: 24 steps an epoch.
     args = ["train", "--dataset", "synthetic:240", "--epochs", "2", *FAST,
             "--nproc-per-node", "2", "--max-restarts", "2", "--checkpoint-every-steps", "3",
             "--run-dir", str(run_dir), "--events-file", str(ev_file)]  # fmt: skip
@@ -52,19 +52,23 @@ def test_a_killed_worker_is_survived_with_every_step_taken_once(tmp_path: Path) 
                             env={**os.environ, "ALEXNET_HOME": str(home)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
-    killed_at = None
+    saved_at = None  # the step of the last state saved before the kill
     try:
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and killed_at is None:
-            steps = [json.loads(line) for line in ev_file.read_text().splitlines()
-                     if '"type": "step"' in line] if ev_file.exists() else []  # fmt: skip
-            # In epoch 1, past the checkpoint at step 3 and before the epoch's end.
-            if steps and steps[-1]["epoch"] == 1 and 4 <= steps[-1]["step"] < 12:
+        while time.monotonic() < deadline and saved_at is None:
+            try:
+                state = RunState.read(run_dir)
+            except RunStateError:  # not written yet
+                state = None
+            # Once the first checkpoint of epoch 1 is saved (its step 3 of 24), long before
+            # the epoch's end: what the state says then is a lower bound of where the group
+            # resumes (it may save once more before rank 1 is gone).
+            if state is not None and state.epoch == 0 and state.step >= 3:
                 pid = rank_pid(run_dir, 1)
                 if pid is not None:
                     os.kill(pid, signal.SIGKILL)
-                    killed_at = steps[-1]["step"]
-            elif steps and (steps[-1]["epoch"] > 1 or steps[-1]["step"] >= 12):
+                    saved_at = state.step
+            elif state is not None and state.epoch > 0:
                 pytest.fail("epoch 1 went by before rank 1 could be killed")
             time.sleep(0.02)
         _, err = proc.communicate(timeout=600)
@@ -72,7 +76,7 @@ def test_a_killed_worker_is_survived_with_every_step_taken_once(tmp_path: Path) 
         if proc.poll() is None:  # torchrun and its ranks too
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-    assert killed_at is not None, "rank 1 was never seen running"
+    assert saved_at is not None, "rank 1 was never seen running"
     assert proc.returncode == 0, err[-4000:]
 
     # torchrun saw the worker die and restarted the group.
@@ -81,7 +85,8 @@ def test_a_killed_worker_is_survived_with_every_step_taken_once(tmp_path: Path) 
     starts = [e for e in events if e["type"] == "start"]
     assert len(starts) == 2 and starts[0]["resumed_from"] is None
     epoch, step = starts[1]["resumed_from"]
-    assert epoch == 1 and step in (3, 6, 9) and step <= killed_at  # the last saved step
+    # The last saved step: a checkpoint of epoch 1, at or after the one seen before the kill.
+    assert epoch == 1 and step % 3 == 0 and saved_at <= step < 24, (saved_at, step)
     assert starts[1]["world"] == 2
     # The first group's rank 0 saw its peer vanish (its last word); the second one's ended well.
     after = events[events.index(starts[1]) :]
@@ -95,7 +100,7 @@ def test_a_killed_worker_is_survived_with_every_step_taken_once(tmp_path: Path) 
     meta = state.meta
     assert [h["epoch"] for h in meta["history"]] == [1, 2]
     steps_per_epoch = starts[0]["steps_per_epoch"]
-    assert steps_per_epoch == 12
+    assert steps_per_epoch == 24
     assert meta["scheduler"]["steps"] == 2 * steps_per_epoch  # the optimizer steps taken
     assert len(meta["step_losses"]) == 2 * steps_per_epoch
 
@@ -111,3 +116,45 @@ def test_launch_options_are_checked_before_anything_starts(tmp_path: Path) -> No
     ):
         r = run_cli("train", "--dataset", "synthetic:80", *FAST, *extra, home=home, timeout=120)
         assert r.returncode == 1 and message in r.stderr, (extra, r.stderr)
+
+
+@pytest.mark.parametrize("how", ["sigterm to the launcher", "a rank killed, no restarts"])
+def test_a_stop_is_interrupted_and_a_crash_is_a_failure(tmp_path: Path, how: str) -> None:
+    """Asked to stop, a torchrun run saves and exits EXIT_INTERRUPTED (75: resumable);
+    a rank that dies with no restarts left fails it (1), though a state was saved."""
+    home, run_dir = tmp_path / "home", tmp_path / "run"
+    args = ["train", "--dataset", "synthetic:240", "--epochs", "2", *FAST,
+            "--nproc-per-node", "2", "--checkpoint-every-steps", "2", "--run-dir", str(run_dir)]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=REPO,
+                            env={**os.environ, "ALEXNET_HOME": str(home)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if RunState.read(run_dir).step >= 2:
+                    break
+            except RunStateError:
+                pass
+            time.sleep(0.02)
+        else:
+            pytest.fail("no state was saved")
+        if how.startswith("sigterm"):
+            proc.send_signal(signal.SIGTERM)
+        else:
+            pid = rank_pid(run_dir, 1)
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    state = RunState.read(run_dir)
+    assert not state.finished and list_cards(home / "models") == []
+    if how.startswith("sigterm"):
+        assert proc.returncode == 75, err[-3000:]
+        assert f"alexnet train --resume {run_dir}" in err
+    else:
+        assert proc.returncode == 1, err[-3000:]
