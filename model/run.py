@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 import types
 import typing
@@ -33,6 +34,9 @@ BEST_FILE: Final = "best.safetensors"  # best epoch's weights, when the state ho
 PLOT_FILE: Final = "losses.png"
 EVENTS_FILE: Final = "events.jsonl"  # progress events (admin jobs; --events-file)
 LOG_FILE: Final = "train.log"  # an admin job's stdout and stderr
+# The version a run wrote, recorded before any rank waits on another: a group restarted
+# after a peer died during that write finishes with it instead of writing a second.
+WRITTEN_FILE: Final = "version.json"
 
 # ----------------------------------------------------------------------------- exit codes
 
@@ -64,6 +68,20 @@ class _Event(BaseModel):
     time: float = Field(default_factory=time.time)
 
 
+class EpochRecord(BaseModel):
+    """One finished epoch: a line of the run's history (and of a job's)."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_top1: float
+    val_top5: float
+    lr: float  # the rate the epoch trained with
+    grad_norm: float
+    images_per_s: float
+    epoch_time_s: float
+
+
 class Start(_Event):
     type: Literal["start"] = "start"
     config: dict[str, Any]
@@ -77,6 +95,9 @@ class Start(_Event):
     world: int = 1
     base: dict[str, Any] | None = None  # version, classes, reinitialised (a fine-tune)
     dataset_hash: str | None = None  # what the data was (model/data.py's DatasetBundle.hash)
+    # A resumed run's finished epochs, from its state: what a reader of the events keeps
+    # even where the stopped attempt died between saving an epoch and telling its end.
+    history: list[EpochRecord] = []
 
 
 class EpochStart(_Event):
@@ -95,20 +116,6 @@ class Step(_Event):
     loss: float  # the epoch's mean so far
     images_per_s: float
     eta_s: float
-
-
-class EpochRecord(BaseModel):
-    """One finished epoch: a line of the run's history (and of a job's)."""
-
-    epoch: int
-    train_loss: float
-    val_loss: float
-    val_top1: float
-    val_top5: float
-    lr: float  # the rate the epoch trained with
-    grad_norm: float
-    images_per_s: float
-    epoch_time_s: float
 
 
 class EpochEnd(EpochRecord, _Event):
@@ -182,6 +189,25 @@ def event_line(ev: Event) -> str:
 
 def option(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+_NNODES: Final = re.compile(r"^([1-9][0-9]*)(?::([1-9][0-9]*))?$")
+
+
+def launch_problem(nnodes: str, max_restarts: int, rdzv_endpoint: str | None, *,
+                   name: typing.Callable[[str], str] = str) -> tuple[str, str] | None:  # fmt: skip
+    """What is wrong with a torchrun launch, as (the option at fault, why), or None: the
+    one rule `alexnet train` and POST /admin/jobs both refuse by. `name` spells an option
+    in the message (`option` for the command line)."""
+    m = _NNODES.match(nnodes)
+    if m is None or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+        return "nnodes", f"{name('nnodes')} {nnodes}: give N or MIN:MAX (MIN <= MAX)"
+    if max_restarts < 0:
+        return "max_restarts", f"{name('max_restarts')} must be 0 or more, got {max_restarts}"
+    if nnodes != "1" and rdzv_endpoint is None:
+        return "rdzv_endpoint", (f"{name('nnodes')} {nnodes} needs {name('rdzv_endpoint')} "
+                                 "HOST:PORT, where the nodes meet")  # fmt: skip
+    return None
 
 
 def config_argv(config: Mapping[str, Any]) -> list[str]:

@@ -120,6 +120,18 @@ class LRPolicy:
             for g, target in zip(self.optimizer.param_groups, self.targets, strict=True):
                 g["lr"] = target * self._warmup(self.steps)
 
+    def rewind(self, steps: int) -> None:
+        """Set the steps taken to `steps` (an epoch that starts over, counted in the steps
+        of the world that resumes it); the per-step rates (warmup, cosine) follow."""
+        self.steps = steps
+        if isinstance(self.sched, LambdaLR):
+            self.sched.last_epoch = steps
+            for g, base in zip(self.optimizer.param_groups, self.sched.base_lrs, strict=True):
+                g["lr"] = base * self._factor(steps)
+        elif steps < self.warmup_steps:
+            for g, target in zip(self.optimizer.param_groups, self.targets, strict=True):
+                g["lr"] = target * self._warmup(steps)
+
     def step(self, val_loss: float, val_top1: float) -> None:
         """After every validation (only `plateau` and `step` move here, after warmup)."""
         if isinstance(self.sched, ReduceLROnPlateau) and self.steps >= self.warmup_steps:

@@ -9,6 +9,7 @@ a model version, and the progress events of model/run.py.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -22,6 +23,8 @@ from torch import nn
 from model.checkpoint import (
     CheckpointError,
     ModelCard,
+    read_card,
+    resolve_version_dir,
 )
 from model.config import TrainConfig
 from model.data import (
@@ -52,6 +55,7 @@ from model.network import build_model
 from model.plots import loss_plot_png
 from model.run import (
     PLOT_FILE,
+    WRITTEN_FILE,
     EpochEnd,
     EpochStart,
     Event,
@@ -193,12 +197,12 @@ class Trainer:
         # What is validated, kept as the best epoch and saved: the average where there is one.
         eval_model = (Classifier(ema.net, bundle.pre, channels_last=True).to(placement.device)
                       if ema else model)  # fmt: skip
-        start_epoch, start_step, acc = 0, 0, EpochAcc()
+        start_epoch, start_step, acc, world_changed = 0, 0, EpochAcc(), False
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
-            start_epoch, start_step, acc = self._load_state(model, optimizer, policy, early,
-                                                            bundle, ema)  # fmt: skip
+            start_epoch, start_step, acc, world_changed = self._load_state(
+                model, optimizer, policy, early, bundle, ema)  # fmt: skip
 
         amp_dtype = None if placement.precision == "fp32" else DTYPES[placement.precision]
         scaler = torch.amp.GradScaler("cuda") if placement.precision == "fp16" else None
@@ -211,11 +215,14 @@ class Trainer:
         augment = TrainAugment(bundle.pre) if cfg.use_augmentation else None
         eval_tf = EvalTransform(bundle.pre)
         policy.configure(steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.warmup_epochs)
+        if world_changed:  # the schedule goes on from the epoch's start, in this world's steps
+            policy.rewind(start_epoch * steps_per_epoch)
         self.emit(Start(config=cfg.model_dump(mode="json"), labels=bundle.labels,
                         split=bundle.split, skipped=bundle.skipped, device=placement.describe(),
                         epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
                         resumed_from=(start_epoch + 1, start_step) if resume else None,
-                        world=d.world, base=base_info, dataset_hash=bundle.hash))  # fmt: skip
+                        world=d.world, base=base_info, dataset_hash=bundle.hash,
+                        history=self.history if resume else []))  # fmt: skip
         if base_info is not None:
             log.info("%s", fine_tune_text(base_info, len(bundle.labels)))
         log.info("training %s on %s (%s), %s", cfg.arch, cfg.dataset, placement.describe(),
@@ -328,9 +335,15 @@ class Trainer:
             raise TrainingError("no epoch finished: nothing to save")
         card = None
         if d.is_main:
-            card = save_best(self.models_dir, cfg, bundle, best.weights, best.record,
-                             epochs_run=len(self.history), stopped_early=early.early_stop,
-                             parent=self.parent, device=placement.device, workers=workers)  # fmt: skip
+            card = self._written_card() if resume else None
+            if card is None:
+                card = save_best(self.models_dir, cfg, bundle, best.weights, best.record,
+                                 epochs_run=len(self.history), stopped_early=early.early_stop,
+                                 parent=self.parent, device=placement.device, workers=workers)  # fmt: skip
+                # Recorded before the collectives below: if a peer dies in them, the
+                # restarted group finishes with this version instead of writing another.
+                atomic_write_bytes(self.run_dir / WRITTEN_FILE,
+                                   json.dumps({"version": card.version}).encode())  # fmt: skip
         card = d.broadcast_card(card)
         if card is None:
             raise CheckpointError("no version was written")
@@ -355,6 +368,22 @@ class Trainer:
             info["freeze"] = self.cfg.freeze
         net = net.to(placement.device).to(memory_format=torch.channels_last)
         return Classifier(net, bundle.pre, channels_last=True).to(placement.device), info
+
+    def _written_card(self) -> ModelCard | None:
+        """The version an earlier attempt of this run wrote before its group stopped
+        (`WRITTEN_FILE`), when it is still in the model store."""
+        path = self.run_dir / WRITTEN_FILE
+        try:
+            version = json.loads(path.read_text())["version"]
+            card = read_card(resolve_version_dir(self.models_dir, str(version)))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, CheckpointError) as exc:
+            log.warning("%s: %s; the version is written again", path, exc)
+            return None
+        log.info("version %s was written before the group stopped: finishing with it",
+                 card.version)  # fmt: skip
+        return card
 
     def _reinitialised(self, net: nn.Module, base_info: dict[str, Any] | None,
                        saved: RunState | None) -> set[str]:  # fmt: skip
@@ -395,7 +424,10 @@ class Trainer:
     def _load_state(self, model: Classifier, optimizer: torch.optim.Optimizer,
                     policy: LRPolicy, early: EarlyStopping,
                     bundle: DatasetBundle,
-                    ema: WeightEMA | None = None) -> tuple[int, int, EpochAcc]:  # fmt: skip
+                    ema: WeightEMA | None = None) -> tuple[int, int, EpochAcc, bool]:  # fmt: skip
+        """The epoch and step to go on from, the epoch's sums so far, and whether the
+        world changed (the caller moves the schedule to the epoch's start once it knows
+        this world's steps per epoch)."""
         state, tensors = RunState.load(self.run_dir)
         meta, path = state.meta, self.run_dir
         if meta["dataset"]["split"] != bundle.split or meta["dataset"]["labels"] != bundle.labels:
@@ -418,15 +450,18 @@ class Trainer:
             self.best = Best(meta["best"], weights_now or read_best_weights(self.run_dir),
                               in_state)  # fmt: skip
         saved_world = int(meta.get("world", 1))
-        if state.step and saved_world != self.dist.world:
+        if saved_world != self.dist.world:
             # Another world shards the epoch differently: the steps done so far are not
             # "the first N" of the new shards. The epoch in progress starts over, from the
-            # weights reached (an elastic restart with fewer or more workers).
-            log.warning("%s: saved by %d processes, resumed by %d: epoch %d starts over from "
-                        "the weights saved at its step %d", path, saved_world, self.dist.world,
-                        state.epoch + 1, state.step)  # fmt: skip
-            return state.epoch, 0, EpochAcc()
-        return state.epoch, state.step, EpochAcc(**meta["acc"])
+            # weights reached (an elastic restart with fewer or more workers), and its
+            # steps' losses are dropped with it.
+            if state.step:
+                log.warning("%s: saved by %d processes, resumed by %d: epoch %d starts over "
+                            "from the weights saved at its step %d", path, saved_world,
+                            self.dist.world, state.epoch + 1, state.step)  # fmt: skip
+                del self.step_losses[max(0, len(self.step_losses) - state.step) :]
+            return state.epoch, 0, EpochAcc(), True
+        return state.epoch, state.step, EpochAcc(**meta["acc"]), False
 
     def _samples(self, epoch: int, model: Classifier, bundle: DatasetBundle,
                  eval_tf: EvalTransform, amp_dtype: torch.dtype | None) -> None:  # fmt: skip

@@ -29,6 +29,9 @@ def apply_event(job: Job, ev: Event) -> dict[str, Any]:
     if isinstance(ev, Start):
         # (a new attempt: what an earlier one's rank said on its way out is behind it)
         ch = {"epochs": ev.epochs, "steps": ev.steps_per_epoch, "error": None}
+        if ev.history:  # a resumed run: its finished epochs as its state has them
+            told = {h.get("epoch"): h for h in job.history}
+            ch["history"] = [told.get(h.epoch) or h.model_dump() for h in ev.history]
     elif isinstance(ev, EpochStart):
         ch = {"epoch": ev.epoch, "epochs": ev.epochs, "step": 0}
     elif isinstance(ev, Step):

@@ -10,13 +10,18 @@ import torch
 from safetensors import safe_open
 
 from model import trainer as T
+from model.checkpoint import list_cards
 from model.config import TrainConfig
 from model.data import TrainAugment
+from model.distributed import DistContext
 from model.run import PLOT_FILE, STATE_FILE, Event, TrainingError, TrainingInterrupted
+from model.run_state import RunState
+from model.schedules import LRPolicy
 from model.trainer import Trainer
 
 TINY = {"dataset": "synthetic:120", "image_size": 64, "batch_size": 16, "epochs": 2,
         "precision": "fp32", "device": "cpu", "workers": 0}  # fmt: skip
+TINY_LR = TrainConfig.model_fields["lr"].default
 
 
 def _as_dicts(events: list[dict[str, Any]]) -> Any:
@@ -162,3 +167,87 @@ def test_a_finished_run_cannot_be_resumed_again(tmp_path: Path) -> None:
     result = _trainer(tmp_path, epochs=1).fit()
     with pytest.raises(TrainingError, match=f"already finished as version {result.card.version}"):
         _trainer(tmp_path, epochs=1).fit(resume=True)
+
+
+def _stop_at_step(holder: dict[str, Trainer], step: int) -> Any:
+    def callback(ev: Event) -> None:
+        if ev.type == "step" and ev.epoch == 1 and ev.step >= step:
+            holder["t"].request_stop()
+
+    return callback
+
+
+def _interrupted(tmp_path: Path, step: int, **kw: Any) -> None:
+    """A run stopped in its first epoch after `step` steps, its state saved."""
+    holder: dict[str, Trainer] = {}
+    t = _trainer(tmp_path, _stop_at_step(holder, step), **kw)
+    holder["t"] = t
+    t_events = T.EVENT_INTERVAL_S
+    T.EVENT_INTERVAL_S = 0.0  # an event every step, so the stop lands mid-epoch
+    try:
+        with pytest.raises(TrainingInterrupted):
+            t.fit()
+    finally:
+        T.EVENT_INTERVAL_S = t_events
+
+
+def test_a_state_from_another_world_starts_its_epoch_over(tmp_path: Path) -> None:
+    """An elastic restart with another number of processes: the epoch in progress starts
+    over from the saved weights, its steps' losses and schedule steps taken back, so the
+    run still counts each of its steps once (cosine with a warmup: per-step rates)."""
+    recipe = {"scheduler": "cosine", "warmup_epochs": 1}
+    _interrupted(tmp_path, 3, **recipe)
+    state, tensors = RunState.load(tmp_path / "run")
+    assert (state.epoch, state.step) == (0, 3) and len(state.meta["step_losses"]) == 3
+    RunState.save(tmp_path / "run", tensors, {**state.meta, "world": 2})  # saved by two
+
+    events: list[dict[str, Any]] = []
+    result = _trainer(tmp_path, _as_dicts(events), **recipe).fit(resume=True)
+    start = events[0]
+    assert start["type"] == "start" and tuple(start["resumed_from"]) == (1, 0)
+    spe = start["steps_per_epoch"]
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    meta = RunState.read(tmp_path / "run").meta
+    assert meta["scheduler"]["steps"] == 2 * spe
+    assert len(meta["step_losses"]) == 2 * spe
+    # The first step of the epoch that started over ran at the warmup's first rate again.
+    steps = [e for e in events if e["type"] == "epoch_start"]
+    assert steps[0]["lr"] == pytest.approx(TINY_LR * 0.01)
+
+
+def test_policy_rewind_sets_the_per_step_rate() -> None:
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    policy = LRPolicy(opt, "cosine")
+    policy.configure(10, 4)
+    for _ in range(7):
+        policy.batch_step()
+    policy.rewind(2)
+    assert policy.steps == 2 and policy.lr == pytest.approx(0.1 * (0.01 + 0.99 * 2 / 4))
+    policy.batch_step()
+    assert policy.lr == pytest.approx(0.1 * (0.01 + 0.99 * 3 / 4))
+
+
+def test_a_version_written_before_the_group_stopped_is_not_written_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer dies while rank 0 writes the version (its broadcast fails): the restarted
+    run finishes with that version, recorded in the run folder, instead of a second."""
+    calls = {"n": 0}
+    real = DistContext.broadcast_card
+
+    def peer_gone(self: DistContext, card: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("Connection closed by peer")
+        return real(self, card)
+
+    monkeypatch.setattr(DistContext, "broadcast_card", peer_gone)
+    with pytest.raises(RuntimeError, match="closed by peer"):
+        _trainer(tmp_path, epochs=1).fit()
+    (written,) = list_cards(tmp_path / "models")
+    assert not RunState.read(tmp_path / "run").finished
+    result = _trainer(tmp_path, epochs=1).fit(resume=True)
+    assert result.card.version == written.version
+    assert [c.version for c in list_cards(tmp_path / "models")] == [written.version]
+    assert RunState.read(tmp_path / "run").finished_version == written.version
