@@ -5,11 +5,12 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING, Any, Final
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from app.errors import ErrorDetail
 from app.jobs.store import Activate
 from model.config import TrainConfig
+from model.run import launch_problem
 
 if TYPE_CHECKING:
     from app.jobs.store import Job
@@ -176,7 +177,7 @@ class JobRequest(TrainConfig):
         "go on from the last saved state (checkpoint_every_steps)",
     )  # fmt: skip
     rdzv_endpoint: str | None = Field(
-        None, max_length=255, pattern=r"^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$",
+        None, max_length=255, pattern=r"^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$", validate_default=True,
         description="HOST:PORT of the c10d rendezvous the nodes meet at",
     )  # fmt: skip
     include_feedback: bool = Field(
@@ -204,15 +205,23 @@ class JobRequest(TrainConfig):
             return {**data, "base": "active"}
         return data
 
-    @model_validator(mode="after")
-    def _launch_is_consistent(self) -> JobRequest:
-        """What `alexnet train` would refuse, refused here (422), not when the job runs."""
-        low, _, high = self.nnodes.partition(":")
-        if high and int(high) < int(low):
-            raise ValueError(f"nnodes {self.nnodes}: MIN:MAX needs MIN <= MAX")
-        if self.nnodes != "1" and self.rdzv_endpoint is None:
-            raise ValueError(f"nnodes {self.nnodes} needs rdzv_endpoint (HOST:PORT)")
-        return self
+    # What `alexnet train` would refuse (model/run.py: launch_problem), refused here (422,
+    # at the field at fault), not when the job runs.
+    @field_validator("nnodes")
+    @classmethod
+    def _nnodes_in_order(cls, v: str) -> str:
+        problem = launch_problem(v, 0, "-:0")
+        if problem is not None:
+            raise ValueError(problem[1])
+        return v
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _several_nodes_meet_somewhere(cls, v: str | None, info: ValidationInfo) -> str | None:
+        problem = launch_problem(info.data.get("nnodes", "1"), 0, v)
+        if problem is not None and problem[0] == "rdzv_endpoint":
+            raise ValueError(problem[1])
+        return v
 
     def train_config(self) -> TrainConfig:
         return TrainConfig.model_validate(

@@ -237,6 +237,31 @@ def test_store_survives_reopen_and_replays_events(tmp_path: Path) -> None:
     assert pub.progress.eta_s == 0.0 and pub.status == "queued"
 
 
+def test_a_resumed_start_brings_the_epochs_its_state_finished(tmp_path: Path) -> None:
+    """The stopped attempt saved epoch 2 but died before telling its end: the resumed
+    run's start carries the state's history, so the record has both epochs (epoch 1 as
+    told, with `improved`)."""
+    store = JobStore(tmp_path / "alexnet.db")
+    job = store.create(JobRequest.model_validate({**TINY, "epochs": 3}))
+    line = {"train_loss": 2.0, "val_loss": 1.9, "val_top1": 0.2, "val_top5": 0.6, "lr": 0.01,
+            "grad_norm": 1.0, "images_per_s": 50.0, "epoch_time_s": 1.0}  # fmt: skip
+    start = {"config": job.config, "labels": ["a", "b"], "split": {"train": 16, "val": 4},
+             "device": {"device": "cpu", "precision": "fp32"}, "epochs": 3,
+             "steps_per_epoch": 4}  # fmt: skip
+    told = EpochEnd(**line, epoch=1, epochs=3, improved=True, early_stop=False, next_lr=0.01)
+    resumed = Start(
+        **start,
+        resumed_from=(3, 0),
+        history=[{**line, "epoch": 1}, {**line, "epoch": 2, "val_loss": 1.7}],
+    )  # type: ignore[list-item]
+    for ev in (Start(**start), told, resumed):
+        store.update(job.id, **apply_event(job, parse_event(ev.model_dump_json())))  # type: ignore[arg-type]
+    again = store.get(job.id)
+    assert again is not None
+    assert [(h["epoch"], h["val_loss"], h.get("improved")) for h in again.history] == [
+        (1, 1.9, True), (2, 1.7, None)]  # fmt: skip
+
+
 def test_train_argv_is_the_cli(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "db")
     job = store.create(JobRequest.model_validate({**TINY, "augment": False, "nproc_per_node": 2}))
@@ -258,10 +283,13 @@ def test_train_argv_is_the_cli(tmp_path: Path) -> None:
                  "--checkpoint-every-steps 20"):  # fmt: skip
         assert part in joined
     assert JobOut.of(elastic).launch == elastic.launch
-    for bad in ({"nnodes": "2:1x"}, {"max_restarts": -1}, {"rdzv_endpoint": "no port"},
-                {"nnodes": "2"}, {"nnodes": "3:2", "rdzv_endpoint": "h:1"}):  # fmt: skip
-        with pytest.raises(ValidationError):
+    for bad, field in (({"nnodes": "2:1x"}, "nnodes"), ({"max_restarts": -1}, "max_restarts"),
+                       ({"rdzv_endpoint": "no port"}, "rdzv_endpoint"),
+                       ({"nnodes": "2"}, "rdzv_endpoint"),
+                       ({"nnodes": "3:2", "rdzv_endpoint": "h:1"}, "nnodes")):  # fmt: skip
+        with pytest.raises(ValidationError) as info:
             JobRequest.model_validate({**TINY, **bad})
+        assert [e["loc"] for e in info.value.errors()] == [(field,)], (bad, info.value)
     job.resume = True
     assert "--resume" in train_argv(job, tmp_path / "run")
     assert "--dataset" not in train_argv(job, tmp_path / "run")
