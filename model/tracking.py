@@ -103,6 +103,11 @@ def machine() -> dict[str, str]:
 # ----------------------------------------------------------------------------- MLflow
 
 
+# How long a stopped or failed run waits for MLflow to take what is queued (a finished
+# one waits up to the timeout: its artifacts are worth it).
+STOP_WAIT_S: Final = 5.0
+
+
 class MLflowTracker(Tracker):
     """Each run an MLflow run: params, per-epoch metrics, artifacts and tags (see module)."""
 
@@ -119,6 +124,8 @@ class MLflowTracker(Tracker):
         self._reported: str | None = None  # the status last told
         self._q: queue.Queue[Callable[[Any], None] | None] = queue.Queue()
         self._done = threading.Event()
+        for k, v in _MLFLOW_ENV.items():  # (before the client is imported, in the thread)
+            os.environ.setdefault(k, v)
         self._thread = threading.Thread(target=self._work, name="mlflow", daemon=True)
         self._thread.start()
 
@@ -134,8 +141,6 @@ class MLflowTracker(Tracker):
                 continue
             try:
                 if client is None:
-                    for k, v in _MLFLOW_ENV.items():
-                        os.environ.setdefault(k, v)
                     try:
                         from mlflow.tracking import MlflowClient
                     except ImportError as exc:
@@ -177,16 +182,22 @@ class MLflowTracker(Tracker):
             self._send(lambda c: self._finished(c, ev))
         elif isinstance(ev, Failed | Interrupted):
             status = "FAILED" if isinstance(ev, Failed) else "KILLED"
-            self._send(lambda c: c.set_terminated(self.run_id, status))
-        if isinstance(ev, Finished | Failed | Interrupted):
-            self._finish()
+            self._send(lambda c: self._terminated(c, status))
+        if isinstance(ev, Finished):
+            self._finish(self.timeout_s)
+        elif isinstance(ev, Failed | Interrupted):  # a stop is prompt; the record is best effort
+            self._finish(min(self.timeout_s, STOP_WAIT_S))
         return self._status()
 
-    def _finish(self) -> None:
+    def _terminated(self, c: Any, status: str) -> None:
+        if self.run_id is not None:  # (a run stopped before its MLflow run was made: none)
+            c.set_terminated(self.run_id, status)
+
+    def _finish(self, timeout_s: float) -> None:
         """Wait (at most timeout_s) for the server to take what is queued."""
         self._q.put(None)
-        if not self._done.wait(self.timeout_s) and self.error is None:
-            self.error = (f"the tracking server took more than {self.timeout_s:g} s; "
+        if not self._done.wait(timeout_s) and self.error is None:
+            self.error = (f"the tracking server took more than {timeout_s:g} s; "
                           "what was left was not sent")  # fmt: skip
             log.warning("MLflow tracking at %s: %s", self.uri, self.error)
 
@@ -194,7 +205,8 @@ class MLflowTracker(Tracker):
         from mlflow.entities import Param, RunTag
 
         saved = self._saved_run()
-        if saved is not None:  # a resumed run goes on in the same MLflow run
+        if saved is not None and self._still_there(c, saved["run_id"]):
+            # a resumed run goes on in the same MLflow run
             self.run_id, self.experiment_id = saved["run_id"], saved["experiment_id"]
             c.update_run(self.run_id, status="RUNNING")
             return
@@ -226,6 +238,23 @@ class MLflowTracker(Tracker):
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params a call
             c.log_batch(self.run_id, params=items[i : i + 100], tags=[])
         c.log_batch(self.run_id, tags=[RunTag("alexnet.world", str(ev.world))])
+
+    @staticmethod
+    def _still_there(c: Any, run_id: str) -> bool:
+        """Whether the MLflow run a resumed run started is still there (not deleted in the
+        UI, or purged); when it is not, the run goes on in a new one."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = c.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            run = None
+        if run is None or run.info.lifecycle_stage == "deleted":
+            log.warning("MLflow run %s is gone: this resumed run goes on in a new one", run_id)
+            return False
+        return True
 
     def _saved_run(self) -> dict[str, Any] | None:
         try:

@@ -137,6 +137,37 @@ def test_a_cli_run_is_an_mlflow_run_and_a_tensorboard_log(mlflow_url: str, tmp_p
     assert "| image | label | answer | confidence | right |" in table
 
 
+def test_a_resumed_run_whose_mlflow_run_was_deleted_goes_on_in_a_new_one(
+    mlflow_url: str, tmp_path: Path
+) -> None:
+    """Stopped (the MLflow run marked KILLED), its MLflow run deleted in the UI, resumed:
+    a new MLflow run, recorded for the next resume, instead of a failure."""
+    from model.run import Interrupted, Start
+    from model.tracking import MLflowTracker
+
+    start = Start(config={"dataset": "synthetic", "arch": "alexnet"}, labels=["a", "b"],
+                  split={"train": 8, "val": 2}, device={"device": "cpu", "precision": "fp32"},
+                  epochs=2, steps_per_epoch=2)  # fmt: skip
+    first = MLflowTracker(mlflow_url, run_dir=tmp_path, models_dir=tmp_path,
+                          experiment="resumed", timeout_s=60)  # fmt: skip
+    first.handle(start)
+    first.handle(Interrupted(epoch=1, step=1, run_dir=str(tmp_path)))
+    assert first.error is None and first.run_id is not None
+    c = client(mlflow_url)
+    assert c.get_run(first.run_id).info.status == "KILLED"
+    c.delete_run(first.run_id)
+
+    again = MLflowTracker(mlflow_url, run_dir=tmp_path, models_dir=tmp_path,
+                          experiment="resumed", timeout_s=60)  # fmt: skip
+    news = again.handle(start.model_copy(update={"resumed_from": (1, 1)}))
+    news += again.handle(Interrupted(epoch=1, step=2, run_dir=str(tmp_path)))
+    assert [n.status for n in news] == ["ok"]  # type: ignore[union-attr]
+    assert again.error is None
+    assert again.run_id not in (None, first.run_id)
+    assert json.loads((tmp_path / "mlflow.json").read_text())["run_id"] == again.run_id
+    assert c.get_run(again.run_id).info.lifecycle_stage == "active"
+
+
 def _silent_server() -> socket.socket:
     """A port that takes connections and never answers: the slowest tracking server."""
     s = socket.socket()
