@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -158,3 +159,90 @@ def test_a_stop_is_interrupted_and_a_crash_is_a_failure(tmp_path: Path, how: str
         assert f"alexnet train --resume {run_dir}" in err
     else:
         assert proc.returncode == 1, err[-3000:]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process under `pid` (torchrun's agent and its ranks)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_node_replaced_by_a_new_one_joins_the_restarted_group(tmp_path: Path) -> None:
+    """Two nodes (two torchrun agents on this machine, one rank each) meet at a c10d
+    rendezvous; node B dies whole (agent and rank, as a lost pod) and a new node B is
+    started with the same command, its restart count at 0 while node A's is 1. The new
+    round meets in a store of its own, so the group resumes and finishes: one version,
+    each epoch once."""
+    from tests.helpers.server import free_port
+
+    home, run_dir, port = tmp_path / "home", tmp_path / "run", free_port()
+    # 120 images: 96 train; 2 nodes x batch 4: 12 steps an epoch.
+    args = ["train", "--dataset", "synthetic:120", "--epochs", "2", *FAST,
+            "--nnodes", "2", "--nproc-per-node", "1", "--max-restarts", "2",
+            "--rdzv-endpoint", f"127.0.0.1:{port}", "--checkpoint-every-steps", "3",
+            "--run-dir", str(run_dir), "--events-file", str(tmp_path / "events.jsonl")]  # fmt: skip
+
+    def node(name: str) -> subprocess.Popen[str]:
+        with (tmp_path / f"{name}.out").open("w") as out:
+            return subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=REPO,
+                                    env={**os.environ, "ALEXNET_HOME": str(home),
+                                         "OMP_NUM_THREADS": "1"},  # (2 nodes, 2 cores)
+                                    stdout=out, stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True)  # fmt: skip
+
+    # Node A first, and B once A hosts the rendezvous: the node hosting it is the one
+    # that must stay (as pod 0 of the Kubernetes Job does), so B is the one that dies.
+    nodes = [node("a")]
+    try:
+        deadline = time.monotonic() + 300
+        while not _listening(port):
+            assert nodes[0].poll() is None and time.monotonic() < deadline, "no rendezvous"
+            time.sleep(0.05)
+        nodes.append(node("b"))
+        while True:
+            try:
+                if RunState.read(run_dir).step >= 3:
+                    break
+            except RunStateError:
+                pass
+            assert time.monotonic() < deadline, "no state was saved"
+            time.sleep(0.02)
+        for pid in [nodes[1].pid, *_descendants(nodes[1].pid)]:  # node B is gone, at once
+            os.kill(pid, signal.SIGKILL)
+        nodes[1].wait()
+        nodes.append(node("b2"))
+        for p in (nodes[0], nodes[2]):
+            p.wait(timeout=300)
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    logs = {n: (tmp_path / f"{n}.out").read_text()[-3000:] for n in ("a", "b2")}
+    assert nodes[0].returncode == 0 and nodes[2].returncode == 0, logs
+    (card,) = list_cards(home / "models")
+    state = RunState.read(run_dir)
+    assert state.finished_version == card.version
+    assert [h["epoch"] for h in state.meta["history"]] == [1, 2]
+    assert state.meta["scheduler"]["steps"] == 2 * 12
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    starts = [e for e in events if e["type"] == "start"]
+    assert len(starts) == 2 and starts[1]["world"] == 2 and starts[1]["resumed_from"][0] == 1
+    assert not [e for e in events if e["type"] == "interrupted"]  # a death, not a stop
