@@ -128,9 +128,11 @@ def test_trickled_headers_get_408_and_others_are_served(
         assert got.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in got, got[:200]
 
 
-def test_trickled_body_gets_408(server: Server) -> None:
-    head = (b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
-            b"boundary=B\r\nContent-Length: 100000\r\n\r\n--B\r\n")  # fmt: skip
+@pytest.mark.parametrize("way", ["multipart", "raw body"])
+def test_trickled_body_gets_408(server: Server, way: str) -> None:
+    ctype = WAYS[way][0] or "multipart/form-data; boundary=B"
+    head = (f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+            "Content-Length: 100000\r\n\r\n").encode() + (b"--B\r\n" if way == "multipart" else b"")  # fmt: skip
     got, seconds = trickle(server, head, b"x", threading.Event())
     assert got.startswith(b"HTTP/1.1 408"), got[:300]
     assert b'"request_timeout"' in got
@@ -219,11 +221,20 @@ def _complete(got: bytes) -> bool:
 
 
 def post(path: str, body: bytes, boundary: str = "B", extra: str = "",
-         length: int | None = None) -> bytes:  # fmt: skip
-    """A raw multipart POST; `length` overrides the true Content-Length."""
+         length: int | None = None, ctype: str | None = None) -> bytes:  # fmt: skip
+    """A raw multipart POST (or of `ctype`: the image itself as the body); `length`
+    overrides the true Content-Length."""
     n = len(body) if length is None else length
-    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
-            f"boundary={boundary}\r\nContent-Length: {n}\r\n{extra}\r\n").encode() + body  # fmt: skip
+    ctype = ctype or f"multipart/form-data; boundary={boundary}"
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {n}\r\n{extra}\r\n").encode() + body  # fmt: skip
+
+
+# The two ways to upload one image to /v1/classify: (Content-Type, body for an image).
+WAYS = {
+    "multipart": (None, lambda data: part("file", data, "a.jpg") + END),
+    "raw body": ("image/jpeg", lambda data: data),
+}
 
 
 def part(name: str, data: bytes, filename: str | None = None) -> bytes:
@@ -298,24 +309,30 @@ def test_a_huge_part_header_is_refused(server: Server) -> None:
     assert reply.status in (400, 413), (reply.status, reply.body[:300])
 
 
+@pytest.mark.parametrize("way", ["multipart", "raw body"])
 def test_a_content_length_that_promises_more_than_comes_is_408(
-    server: Server, photo: bytes
+    server: Server, photo: bytes, way: str
 ) -> None:
-    body = part("file", photo, "a.jpg") + END
+    ctype, make = WAYS[way]
+    body = make(photo)
     t0 = time.monotonic()
-    reply = exchange(server, [post("/v1/classify", body, length=len(body) + 5000)])
+    reply = exchange(server, [post("/v1/classify", body, length=len(body) + 5000, ctype=ctype)])
     assert_error(reply, 408, "request_timeout")
     assert reply.closed, "the connection stays open with an unread body"
     assert time.monotonic() - t0 < 10  # the 2 s body deadline, not the client's patience
 
 
-def test_a_content_length_that_promises_more_then_hangs_up(server: Server, photo: bytes) -> None:
+@pytest.mark.parametrize("way", ["multipart", "raw body"])
+def test_a_content_length_that_promises_more_then_hangs_up(
+    server: Server, photo: bytes, way: str
+) -> None:
     """The client half-closes after sending less than it declared: nothing to answer, the
     connection closes, the server logs no error."""
-    body = part("file", photo, "a.jpg") + END
+    ctype, make = WAYS[way]
+    body = make(photo)
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=15)
     try:
-        sock.sendall(post("/v1/classify", body, length=len(body) + 5000))
+        sock.sendall(post("/v1/classify", body, length=len(body) + 5000, ctype=ctype))
         sock.shutdown(socket.SHUT_WR)
         got = sock.recv(65536)
     except ConnectionResetError:

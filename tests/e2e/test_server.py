@@ -21,11 +21,21 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 async def _post_many(
-    url: str, data: bytes, n: int, path: str = "/v1/classify"
+    url: str, data: bytes, n: int, path: str = "/v1/classify", mixed: bool = False
 ) -> list[httpx.Response]:
+    """`n` uploads at once; `mixed`: the even ones as the raw body (image/jpeg), the odd
+    ones as multipart."""
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=n)) as c:
-        return await asyncio.gather(*(c.post(url + path, files={"file": ("p.jpg", data)})
-                                      for _ in range(n)))  # fmt: skip
+        return await asyncio.gather(*(
+            c.post(url + path, content=data, headers={"content-type": "image/jpeg"})
+            if mixed and i % 2 == 0 else c.post(url + path, files={"file": ("p.jpg", data)})
+            for i in range(n)))  # fmt: skip
+
+
+def _by_way(responses: list[httpx.Response]) -> tuple[set[int], set[int]]:
+    """The status codes of a `mixed` run's raw-body and multipart uploads."""
+    codes = [r.status_code for r in responses]
+    return set(codes[0::2]), set(codes[1::2])
 
 
 def test_served_prediction_equals_alexnet_predict(tmp_path: Path, jpeg_photos: list[Path]) -> None:
@@ -105,12 +115,14 @@ def test_overload_answers_429_with_retry_after(tmp_path: Path, jpeg_photos: list
     data = jpeg_photos[0].read_bytes()
     with Server(home, ALEXNET_MAX_QUEUE="2", ALEXNET_MAX_BATCH_SIZE="1",
                 ALEXNET_PRECISION="fp32") as srv:  # fmt: skip
-        responses = asyncio.run(_post_many(srv.url, data, 40))
+        responses = asyncio.run(_post_many(srv.url, data, 40, mixed=True))
         codes = [r.status_code for r in responses]
         assert 200 in codes and 429 in codes, codes
-        rejected = next(r for r in responses if r.status_code == 429)
-        assert rejected.json()["error"]["code"] == "overloaded"
-        assert int(rejected.headers["Retry-After"]) >= 1
+        raw, multipart = _by_way(responses)
+        assert 429 in raw and 429 in multipart, codes  # the same admission, both ways
+        for rejected in (r for r in responses if r.status_code == 429):
+            assert rejected.json()["error"]["code"] == "overloaded"
+            assert int(rejected.headers["Retry-After"]) >= 1
         assert set(codes) <= {200, 429}
         # and it recovers at once
         assert (
@@ -130,11 +142,13 @@ def test_requests_past_their_deadline_get_504(tmp_path: Path, jpeg_photos: list[
                 ALEXNET_MAX_QUEUE="1000", ALEXNET_DEVICE="cpu") as srv:  # fmt: skip
         alone = httpx.post(srv.url + "/v1/classify", files={"file": ("a.jpg", data)}, timeout=60)
         assert alone.status_code == 200, alone.text
-        responses = asyncio.run(_post_many(srv.url, data, 300))
+        responses = asyncio.run(_post_many(srv.url, data, 300, mixed=True))
         codes = [r.status_code for r in responses]
         assert 504 in codes, codes
-        late = next(r for r in responses if r.status_code == 504)
-        assert late.json()["error"]["code"] == "timeout"
+        raw, multipart = _by_way(responses)
+        assert 504 in raw and 504 in multipart, codes  # the same deadline, both ways
+        for late in (r for r in responses if r.status_code == 504):
+            assert late.json()["error"]["code"] == "timeout"
         assert set(codes) <= {200, 504}
 
 
