@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast lint fmt typecheck bench bench-train bench-serve bench-profile bench-peers bench-decode bench-overload bench-attack-memory bench-fine-tune bench-recipe bench-feedback bench-calibration bench-export clean
+.PHONY: serve test test-fast lint fmt typecheck bench bench-train bench-serve bench-profile bench-peers bench-decode bench-overload bench-attack-memory bench-fine-tune bench-recipe bench-feedback bench-calibration bench-export bench-memory clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,9 @@ bench-profile: $(VENV)/.installed-dev   ## CPU ms per image by stage under wrk -
 
 bench-peers: $(VENV)/.installed-dev   ## ours vs LitServe vs batch-1 fp32 at c1 and c32 (needs wrk, LitServe: see bench/peers.py)
 	$(BIN)/python bench/peers.py
+
+bench-memory: $(VENV)/.installed-dev   ## server RSS after warm-up and over repeated c32 runs, fp32 and int8 (needs wrk)
+	$(BIN)/python bench/memory.py
 
 bench-overload: $(VENV)/.installed-dev   ## 2 minutes at twice the measured capacity
 	$(BIN)/python bench/overload.py
