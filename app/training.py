@@ -195,8 +195,7 @@ def launch_torchrun(argv: Sequence[str], nproc: int, run_dir: Path, base: str | 
     # one (their addresses) would be read by the next group and hang it, and a node that
     # replaces a dead one counts its restarts from 0, so no per-node count can keep the
     # rounds' keys apart (`_dist_context`).
-    env = {**os.environ}
-    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     proc = subprocess.Popen(cmd, env=env)
 
     asked: list[int] = []
@@ -235,25 +234,28 @@ def _dist_context() -> DistContext | None:
     # model/extras.py) while the others wait in a collective: more than the default
     # 10-minute watchdog on a large dataset.
     timeout = timedelta(hours=2)
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        # Our launcher's torchrun (`launch_torchrun`): rank 0 hosts a fresh store each
-        # round, so nothing a dead group wrote is read by the next one.
+    if "MASTER_ADDR" not in os.environ:  # not torchrun's environment: as the launcher says
         dist.init_process_group(backend=backend, timeout=timeout)
     else:
-        # A torchrun started by hand, whose rendezvous store every round shares: what the
-        # dead group's ranks wrote in it (their addresses) would be read by the new one
-        # and hang it in gloo's connectFullMesh, so each attempt gets keys of its own.
-        # (A node that replaces a dead one counts its attempts from 0 and cannot meet the
-        # others this way: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as our launcher does.)
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         rank = int(os.environ["RANK"])
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        # Our launcher's torchrun (`launch_torchrun`): each round's rank 0 hosts a fresh
+        # store, so nothing a dead group wrote is read by the next one. A torchrun started
+        # by hand shares its rendezvous store with every round: what the dead group's
+        # ranks wrote in it (their addresses) would be read by the new one and hang it in
+        # gloo's connectFullMesh, so each attempt gets keys of its own. (A node that
+        # replaces a dead one counts its attempts from 0 and cannot meet the others that
+        # way: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as our launcher does.)
         store = dist.TCPStore(  # type: ignore[attr-defined]
             os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-            is_master=False, timeout=timedelta(minutes=10),
+            is_master=rank == 0 and not agent, timeout=timedelta(minutes=10),
+            multi_tenant=not agent,
         )  # fmt: skip
-        prefixed = dist.PrefixStore(f"alexnet/attempt_{restart}", store)  # type: ignore[attr-defined]
+        if agent:
+            restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"alexnet/attempt_{restart}", store)  # type: ignore[attr-defined,assignment]
         dist.init_process_group(backend=backend, timeout=timeout, rank=rank, world_size=world,
-                                store=prefixed)  # fmt: skip
+                                store=store)  # fmt: skip
     return DistContext(
         rank=dist.get_rank(), world=dist.get_world_size(),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),

@@ -122,6 +122,7 @@ class MLflowTracker(Tracker):
         self.experiment_id: str | None = None
         self.error: str | None = None
         self._reported: str | None = None  # the status last told
+        self._started = False  # a Start was handled (so there is a run to end)
         self._q: queue.Queue[Callable[[Any], None] | None] = queue.Queue()
         self._done = threading.Event()
         for k, v in _MLFLOW_ENV.items():  # (before the client is imported, in the thread)
@@ -175,6 +176,7 @@ class MLflowTracker(Tracker):
 
     def handle(self, ev: Event) -> list[Event]:
         if isinstance(ev, Start):
+            self._started = True
             self._send(lambda c: self._start(c, ev))
         elif isinstance(ev, EpochEnd):
             self._send(lambda c: self._epoch(c, ev))
@@ -182,11 +184,12 @@ class MLflowTracker(Tracker):
             self._send(lambda c: self._finished(c, ev))
         elif isinstance(ev, Failed | Interrupted):
             status = "FAILED" if isinstance(ev, Failed) else "KILLED"
-            self._send(lambda c: self._terminated(c, status))
+            if self._started:  # (a run that failed before its start has nothing to end)
+                self._send(lambda c: self._terminated(c, status))
         if isinstance(ev, Finished):
             self._finish(self.timeout_s)
-        elif isinstance(ev, Failed | Interrupted):  # a stop is prompt; the record is best effort
-            self._finish(min(self.timeout_s, STOP_WAIT_S))
+        elif isinstance(ev, Failed | Interrupted) and self._started:
+            self._finish(min(self.timeout_s, STOP_WAIT_S))  # a stop is prompt; best effort
         return self._status()
 
     def _terminated(self, c: Any, status: str) -> None:

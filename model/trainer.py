@@ -335,7 +335,8 @@ class Trainer:
             raise TrainingError("no epoch finished: nothing to save")
         card = None
         if d.is_main:
-            card = self._written_card() if resume else None
+            written = {"epochs_run": len(self.history), "best_epoch": best.record["epoch"]}
+            card = self._written_card(written) if resume else None
             if card is None:
                 card = save_best(self.models_dir, cfg, bundle, best.weights, best.record,
                                  epochs_run=len(self.history), stopped_early=early.early_stop,
@@ -343,7 +344,7 @@ class Trainer:
                 # Recorded before the collectives below: if a peer dies in them, the
                 # restarted group finishes with this version instead of writing another.
                 atomic_write_bytes(self.run_dir / WRITTEN_FILE,
-                                   json.dumps({"version": card.version}).encode())  # fmt: skip
+                                   json.dumps({"version": card.version, **written}).encode())  # fmt: skip
         card = d.broadcast_card(card)
         if card is None:
             raise CheckpointError("no version was written")
@@ -369,13 +370,16 @@ class Trainer:
         net = net.to(placement.device).to(memory_format=torch.channels_last)
         return Classifier(net, bundle.pre, channels_last=True).to(placement.device), info
 
-    def _written_card(self) -> ModelCard | None:
+    def _written_card(self, now: dict[str, Any]) -> ModelCard | None:
         """The version an earlier attempt of this run wrote before its group stopped
-        (`WRITTEN_FILE`), when it is still in the model store."""
+        (`WRITTEN_FILE`), when it was written from the same epochs as `now` (a resume
+        with more --epochs trains on: a new version) and is still in the model store."""
         path = self.run_dir / WRITTEN_FILE
         try:
-            version = json.loads(path.read_text())["version"]
-            card = read_card(resolve_version_dir(self.models_dir, str(version)))
+            written = json.loads(path.read_text())
+            if {k: written.get(k) for k in now} != now:
+                return None
+            card = read_card(resolve_version_dir(self.models_dir, str(written["version"])))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError, CheckpointError) as exc:

@@ -20,15 +20,15 @@ from tests.helpers.versions import encode, make_version
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-async def _post_many(
-    url: str, data: bytes, n: int, path: str = "/v1/classify", mixed: bool = False
-) -> list[httpx.Response]:
-    """`n` uploads at once; `mixed`: the even ones as the raw body (image/jpeg), the odd
-    ones as multipart."""
+async def _post_many(url: str, data: bytes, n: int, path: str = "/v1/classify",
+                     mixed: bool = False, raw: bool = False) -> list[httpx.Response]:  # fmt: skip
+    """`n` uploads at once, as multipart; `raw`: all as the raw body (image/jpeg); `mixed`:
+    the even ones raw, the odd ones multipart."""
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=n)) as c:
         return await asyncio.gather(*(
             c.post(url + path, content=data, headers={"content-type": "image/jpeg"})
-            if mixed and i % 2 == 0 else c.post(url + path, files={"file": ("p.jpg", data)})
+            if raw or (mixed and i % 2 == 0)
+            else c.post(url + path, files={"file": ("p.jpg", data)})
             for i in range(n)))  # fmt: skip
 
 
@@ -115,15 +115,14 @@ def test_overload_answers_429_with_retry_after(tmp_path: Path, jpeg_photos: list
     data = jpeg_photos[0].read_bytes()
     with Server(home, ALEXNET_MAX_QUEUE="2", ALEXNET_MAX_BATCH_SIZE="1",
                 ALEXNET_PRECISION="fp32") as srv:  # fmt: skip
-        responses = asyncio.run(_post_many(srv.url, data, 40, mixed=True))
-        codes = [r.status_code for r in responses]
-        assert 200 in codes and 429 in codes, codes
-        raw, multipart = _by_way(responses)
-        assert 429 in raw and 429 in multipart, codes  # the same admission, both ways
-        for rejected in (r for r in responses if r.status_code == 429):
-            assert rejected.json()["error"]["code"] == "overloaded"
-            assert int(rejected.headers["Retry-After"]) >= 1
-        assert set(codes) <= {200, 429}
+        for raw in (False, True):  # the same admission for multipart and raw-body uploads
+            responses = asyncio.run(_post_many(srv.url, data, 40, raw=raw))
+            codes = [r.status_code for r in responses]
+            assert 200 in codes and 429 in codes, (raw, codes)
+            for rejected in (r for r in responses if r.status_code == 429):
+                assert rejected.json()["error"]["code"] == "overloaded"
+                assert int(rejected.headers["Retry-After"]) >= 1
+            assert set(codes) <= {200, 429}
         # and it recovers at once
         assert (
             httpx.post(srv.url + "/v1/classify", files={"file": ("a.jpg", data)}).status_code == 200

@@ -138,12 +138,15 @@ def test_a_cli_run_is_an_mlflow_run_and_a_tensorboard_log(mlflow_url: str, tmp_p
 
 
 def test_a_resumed_run_whose_mlflow_run_was_deleted_goes_on_in_a_new_one(
-    mlflow_url: str, tmp_path: Path
+    mlflow_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Stopped (the MLflow run marked KILLED), its MLflow run deleted in the UI, resumed:
     a new MLflow run, recorded for the next resume, instead of a failure."""
+    from model import tracking
     from model.run import Interrupted, Start
     from model.tracking import MLflowTracker
+
+    monkeypatch.setattr(tracking, "STOP_WAIT_S", 120.0)  # (a stop's wait: the server is up)
 
     start = Start(config={"dataset": "synthetic", "arch": "alexnet"}, labels=["a", "b"],
                   split={"train": 8, "val": 2}, device={"device": "cpu", "precision": "fp32"},

@@ -221,9 +221,11 @@ def test_policy_rewind_sets_the_per_step_rate() -> None:
     policy = LRPolicy(opt, "cosine")
     policy.configure(10, 4)
     for _ in range(7):
+        opt.step()
         policy.batch_step()
     policy.rewind(2)
     assert policy.steps == 2 and policy.lr == pytest.approx(0.1 * (0.01 + 0.99 * 2 / 4))
+    opt.step()
     policy.batch_step()
     assert policy.lr == pytest.approx(0.1 * (0.01 + 0.99 * 3 / 4))
 
