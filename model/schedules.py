@@ -94,8 +94,12 @@ class LRPolicy:
         first rate (a resumed one keeps the rate its state restored)."""
         self.total_steps, self.warmup_steps = max(1, total_steps), max(0, warmup_steps)
         if self.steps == 0 and self.warmup_steps:
-            for g, target in zip(self.optimizer.param_groups, self.targets, strict=True):
-                g["lr"] = target * self._factor(0)
+            self._scale(self._factor(0))
+
+    def _scale(self, factor: float) -> None:
+        """Every group's rate at `factor` times its own lr."""
+        for g, target in zip(self.optimizer.param_groups, self.targets, strict=True):
+            g["lr"] = target * factor
 
     def _warmup(self, step: int) -> float:
         if step >= self.warmup_steps:
@@ -117,20 +121,17 @@ class LRPolicy:
         if isinstance(self.sched, LambdaLR):
             self.sched.step()
         elif self.steps <= self.warmup_steps:
-            for g, target in zip(self.optimizer.param_groups, self.targets, strict=True):
-                g["lr"] = target * self._warmup(self.steps)
+            self._scale(self._warmup(self.steps))
 
     def rewind(self, steps: int) -> None:
         """Set the steps taken to `steps` (an epoch that starts over, counted in the steps
         of the world that resumes it); the per-step rates (warmup, cosine) follow."""
         self.steps = steps
         if isinstance(self.sched, LambdaLR):
-            self.sched.last_epoch = steps
-            for g, base in zip(self.optimizer.param_groups, self.sched.base_lrs, strict=True):
-                g["lr"] = base * self._factor(steps)
+            self.sched.last_epoch = steps  # (its base rates are `targets`: the groups' lr)
+            self._scale(self._factor(steps))
         elif steps < self.warmup_steps:
-            for g, target in zip(self.optimizer.param_groups, self.targets, strict=True):
-                g["lr"] = target * self._warmup(steps)
+            self._scale(self._warmup(steps))
 
     def step(self, val_loss: float, val_top1: float) -> None:
         """After every validation (only `plateau` and `step` move here, after warmup)."""
